@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: bootstrap system test lint format demo stack-up stack-down stack-status clean
+
+bootstrap: system $(VENV)/.installed
+
+system:
+	@deploy/bootstrap.sh system
+
+$(VENV)/.installed: pyproject.toml
+	deploy/bootstrap.sh python
+	@touch $@
+
+## Lint, then the whole test suite against a real local stack (started and stopped as needed).
+test: bootstrap lint
+	$(BIN)/carrara stack exec -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## The platform in the foreground with its endpoints printed; Ctrl-C stops what it started.
+demo: bootstrap
+	$(BIN)/carrara demo $(ARGS)
+
+stack-up: bootstrap
+	$(BIN)/carrara stack up
+
+stack-down: $(VENV)/.installed
+	$(BIN)/carrara stack down
+
+stack-status: $(VENV)/.installed
+	$(BIN)/carrara stack status
+
+clean: stack-down
+	rm -rf .carrara

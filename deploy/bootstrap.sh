@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what Carrara needs on a fresh Debian machine, and nothing that is already there.
+#   deploy/bootstrap.sh system   Debian packages: PostgreSQL, Redis, Java 17, Maven
+#   deploy/bootstrap.sh python   the virtualenv in .venv with Carrara and its dev tools
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+system_packages() {
+  local missing=()
+  compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}"
+  fi
+}
+
+python_env() {
+  "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+}
+
+case "${1:-all}" in
+  system) system_packages ;;
+  python) python_env ;;
+  all) system_packages; python_env ;;
+  *) echo "usage: $0 [system|python|all]" >&2; exit 2 ;;
+esac

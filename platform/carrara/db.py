@@ -1,0 +1,48 @@
+"""Database engine, session factory and the request-scoped session dependency.
+
+The transaction boundary lives here and only here: a request's session commits when the handler
+returns and rolls back when it raises. Services never commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from carrara.settings import get_settings
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with health-checked pooled connections."""
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+@lru_cache
+def engine_for(url: str) -> Engine:
+    """One shared engine (and connection pool) per database URL."""
+    return make_engine(url)
+
+
+def get_engine() -> Engine:
+    return engine_for(get_settings().database_url)
+
+
+@lru_cache
+def get_sessionmaker() -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+def get_session() -> Iterator[Session]:
+    """FastAPI dependency: one session per request, committed on success, rolled back on error."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

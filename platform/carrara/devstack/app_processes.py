@@ -1,0 +1,105 @@
+"""Carrara's own processes run by the local stack for `make demo`: the API and a worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from carrara.devstack.processes import LaunchSpec
+from carrara.devstack.service import Service, StackError
+
+
+def _script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def project_root() -> Path:
+    """The checkout this package was installed from in editable mode (holds alembic.ini)."""
+    return Path(__file__).resolve().parents[3]
+
+
+class ApiService(Service):
+    name = "api"
+    label = "Control plane (API + UI)"
+
+    @property
+    def port(self) -> int:
+        return self.settings.api_port
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.api_url
+
+    def prepare(self) -> None:
+        """Migrate the database to head: the app never creates tables itself."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [_script("alembic"), "upgrade", "head"],
+            cwd=project_root(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"database migration failed:\n{result.stderr[-3000:]}")
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(
+            argv=[
+                _script("uvicorn"),
+                "carrara.main:app",
+                "--host",
+                self.settings.host,
+                "--port",
+                str(self.port),
+                "--no-access-log",
+            ],
+            cwd=project_root(),
+        )
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.endpoint}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+class WorkerService(Service):
+    name = "worker"
+    label = "Training worker (Celery)"
+
+    @property
+    def port(self) -> int:
+        return 0  # a worker listens on nothing; it pulls tasks from Redis
+
+    @property
+    def endpoint(self) -> str:
+        return f"celery on {self.settings.redis_url}"
+
+    def port_in_use(self) -> bool:
+        return False
+
+    def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(
+            argv=[
+                _script("celery"),
+                "-A",
+                "carrara.training.worker",
+                "worker",
+                "--loglevel=INFO",
+                "--concurrency=1",
+                f"--hostname=carrara-worker@{self.settings.host}",
+            ],
+            cwd=project_root(),
+        )
+
+    def healthy(self) -> bool:
+        from carrara.training.worker import ping_workers
+
+        return ping_workers(timeout=1.0) > 0

@@ -1,0 +1,136 @@
+"""Bring the local stack up and down, idempotently, and report its state."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from carrara.devstack.app_processes import ApiService, WorkerService
+from carrara.devstack.kafka_broker import KafkaService
+from carrara.devstack.mlflow_server import MlflowService
+from carrara.devstack.postgres_server import PostgresService
+from carrara.devstack.processes import ProcessRegistry
+from carrara.devstack.redis_server import RedisService
+from carrara.devstack.service import Service, StackError
+from carrara.settings import Settings
+
+INFRASTRUCTURE = ("postgres", "redis", "kafka", "mlflow")
+APPLICATION = ("api", "worker")
+START_TIMEOUT = {"postgres": 60, "redis": 20, "kafka": 120, "mlflow": 180, "api": 60, "worker": 90}
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    label: str
+    endpoint: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    started_now: bool
+    log: str
+
+
+class Stack:
+    """The local stack's services, in start order."""
+
+    def __init__(self, settings: Settings, report: Callable[[str], None] = lambda _: None) -> None:
+        self.settings = settings
+        self.report = report
+        self.registry = ProcessRegistry(settings.home / "run", settings.home / "logs")
+        classes: list[type[Service]] = [
+            PostgresService,
+            RedisService,
+            KafkaService,
+            MlflowService,
+            ApiService,
+            WorkerService,
+        ]
+        self.services: dict[str, Service] = {cls.name: cls(settings) for cls in classes}
+
+    def select(self, names: Iterable[str] | None) -> list[Service]:
+        """Services by name in start order; the infrastructure when no names are given."""
+        wanted = list(names) if names else list(INFRASTRUCTURE)
+        unknown = sorted(set(wanted) - set(self.services))
+        if unknown:
+            known = ", ".join(self.services)
+            raise StackError(f"unknown service(s) {', '.join(unknown)}; known: {known}")
+        return [svc for name, svc in self.services.items() if name in wanted]
+
+    def status_of(self, svc: Service, started_now: bool = False) -> ServiceStatus:
+        proc = self.registry.find(svc.name)
+        return ServiceStatus(
+            name=svc.name,
+            label=svc.label,
+            endpoint=svc.endpoint,
+            pid=proc.pid if proc else None,
+            running=proc is not None,
+            healthy=svc.healthy() if proc else False,
+            started_now=started_now,
+            log=str(self.registry.log_file(svc.name)),
+        )
+
+    def status(self, names: Iterable[str] | None = None) -> list[ServiceStatus]:
+        return [self.status_of(svc) for svc in self.select(names or self.services)]
+
+    def up(self, names: Iterable[str] | None = None) -> list[ServiceStatus]:
+        """Start what is not running yet and wait until every service answers."""
+        return [self._up_one(svc) for svc in self.select(names)]
+
+    def _up_one(self, svc: Service) -> ServiceStatus:
+        started = False
+        proc = self.registry.find(svc.name)
+        if proc is None:
+            if svc.port_in_use():
+                raise StackError(
+                    f"{svc.label}: port {svc.port} is already in use by a process carrara did not "
+                    f"start; stop it or set CARRARA_{svc.name.upper()}_PORT"
+                )
+            self.report(f"preparing {svc.label}")
+            svc.prepare()
+            self.report(f"starting {svc.label}")
+            proc = self.registry.start(svc.name, svc.launch_spec())
+            started = True
+        deadline = time.monotonic() + START_TIMEOUT.get(svc.name, 60)
+        while not svc.healthy():
+            if not proc.alive():
+                self.registry.pid_file(svc.name).unlink(missing_ok=True)
+                raise StackError(
+                    f"{svc.label} exited during start; last log lines "
+                    f"({self.registry.log_file(svc.name)}):\n{self.registry.log_tail(svc.name)}"
+                )
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"{svc.label} did not become healthy in {START_TIMEOUT.get(svc.name, 60)} s; "
+                    f"see {self.registry.log_file(svc.name)}"
+                )
+            time.sleep(0.3)
+        svc.after_healthy()
+        self.report(f"{svc.label} is up at {svc.endpoint}")
+        return self.status_of(svc, started_now=started)
+
+    def down(self, names: Iterable[str] | None = None) -> list[str]:
+        """Stop the services this project started, in reverse start order; returns their names."""
+        chosen = self.select(names or self.services)
+        stopped = []
+        for svc in reversed(chosen):
+            spec_signal, timeout = _stop_policy(svc)
+            if self.registry.stop(svc.name, spec_signal, timeout):
+                self.report(f"stopped {svc.label}")
+                stopped.append(svc.name)
+        return stopped
+
+
+def _stop_policy(svc: Service) -> tuple[signal.Signals, float]:
+    """Signal and grace period from the launch spec, without preparing anything."""
+    try:
+        spec = svc.launch_spec()
+    except StackError:
+        return signal.SIGTERM, 30.0
+    return spec.stop_signal, spec.stop_timeout
+
+
+def as_dicts(statuses: Iterable[ServiceStatus]) -> list[dict[str, object]]:
+    return [asdict(s) for s in statuses]

@@ -1,0 +1,71 @@
+"""Readiness probes of the services the control plane depends on, run concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import redis
+from sqlalchemy import text
+
+from carrara.db import engine_for
+from carrara.settings import Settings
+from carrara.streams.topics import TopicAdmin
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _probe_postgres(settings: Settings) -> str:
+    with engine_for(settings.database_url).connect() as conn:
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return f"schema at {revision}"
+
+
+def _probe_kafka(settings: Settings) -> str:
+    return f"{TopicAdmin(settings.kafka_bootstrap).ping(timeout=2.0)} broker(s)"
+
+
+def _probe_redis(settings: Settings) -> str:
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client.ping()
+    return "PONG"
+
+
+def _probe_mlflow(settings: Settings) -> str:
+    response = httpx.get(f"{settings.mlflow_url}/health", timeout=2.0)
+    response.raise_for_status()
+    return "ok"
+
+
+PROBES: dict[str, Callable[[Settings], str]] = {
+    "postgres": _probe_postgres,
+    "kafka": _probe_kafka,
+    "redis": _probe_redis,
+    "mlflow": _probe_mlflow,
+}
+
+
+async def _run_probe(
+    name: str, probe: Callable[[Settings], str], settings: Settings
+) -> ProbeResult:
+    try:
+        detail = await asyncio.wait_for(asyncio.to_thread(probe, settings), timeout=5.0)
+    except TimeoutError:
+        return ProbeResult(name, False, "timed out after 5 s")
+    except Exception as exc:  # a probe's failure is data for the report, never a crash
+        return ProbeResult(name, False, f"{type(exc).__name__}: {exc}"[:300])
+    return ProbeResult(name, True, detail)
+
+
+async def check_readiness(settings: Settings) -> list[ProbeResult]:
+    """Probe every dependency; each result says whether it answered and what it said."""
+    return list(
+        await asyncio.gather(*(_run_probe(name, probe, settings) for name, probe in PROBES.items()))
+    )

@@ -1,0 +1,103 @@
+"""One Settings object for every Carrara process, read from `CARRARA_*` environment variables.
+
+The defaults point at the local stack that `carrara stack up` runs, so a fresh clone works with no
+configuration. Connection URLs left unset are derived from the stack's ports, so moving a port
+(`CARRARA_PG_PORT=6543`) moves every client with it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_DB_PASSWORD = "carrara-dev"  # noqa: S105 - local-stack default, refused in production
+DEV_MLFLOW_DB_PASSWORD = "mlflow-dev"  # noqa: S105 - local-stack default, refused in production
+DEV_SECRET_KEY = "carrara-dev-secret-key-change-me"  # noqa: S105 - refused in production
+
+
+class Settings(BaseSettings):
+    """Configuration of the control plane, workers, scorers and the local stack."""
+
+    model_config = SettingsConfigDict(env_prefix="CARRARA_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    log_level: str = "INFO"
+    log_json: bool = False
+    secret_key: str = DEV_SECRET_KEY
+
+    # Where the local stack keeps data, logs and PID files (git-ignored).
+    home: Path = Field(default_factory=lambda: Path.cwd() / ".carrara")
+
+    # Ports of the local stack. Infrastructure uses uncommon ports so it never collides with a
+    # Postgres or Redis that a Debian package may have started on the defaults.
+    host: str = "127.0.0.1"
+    pg_port: int = 55432
+    redis_port: int = 56379
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    mlflow_port: int = 5000
+    api_port: int = 8000
+
+    db_user: str = "carrara"
+    db_password: str = DEV_DB_PASSWORD
+    db_name: str = "carrara"
+    mlflow_db_user: str = "mlflow"
+    mlflow_db_password: str = DEV_MLFLOW_DB_PASSWORD
+    mlflow_db_name: str = "mlflow"
+    kafka_version: str = "4.1.1"
+    kafka_heap: str = "512m"
+
+    # Client connection settings; derived from the ports above when not given.
+    database_url: str = ""
+    kafka_bootstrap: str = ""
+    redis_url: str = ""
+    mlflow_url: str = ""
+    api_url: str = ""
+
+    @model_validator(mode="after")
+    def _derive_urls(self) -> Settings:
+        if not self.database_url:
+            self.database_url = (
+                f"postgresql+psycopg://{self.db_user}:{self.db_password}"
+                f"@{self.host}:{self.pg_port}/{self.db_name}"
+            )
+        if not self.kafka_bootstrap:
+            self.kafka_bootstrap = f"{self.host}:{self.kafka_port}"
+        if not self.redis_url:
+            self.redis_url = f"redis://{self.host}:{self.redis_port}/0"
+        if not self.mlflow_url:
+            self.mlflow_url = f"http://{self.host}:{self.mlflow_port}"
+        if not self.api_url:
+            self.api_url = f"http://{self.host}:{self.api_port}"
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production_defaults(self) -> Settings:
+        if self.environment != "production":
+            return self
+        unsafe = []
+        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
+            unsafe.append("CARRARA_SECRET_KEY (set a random value of at least 32 characters)")
+        if DEV_DB_PASSWORD in self.database_url:
+            unsafe.append("CARRARA_DATABASE_URL (uses the local-stack password)")
+        if unsafe:
+            raise ValueError("unsafe settings for production: " + "; ".join(unsafe))
+        return self
+
+    @property
+    def mlflow_database_url(self) -> str:
+        """Backend store of the local MLflow server (its own database in the stack's Postgres)."""
+        return (
+            f"postgresql+psycopg://{self.mlflow_db_user}:{self.mlflow_db_password}"
+            f"@{self.host}:{self.pg_port}/{self.mlflow_db_name}"
+        )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests build their own `Settings`)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Kafka I/O shared by every component; knows Kafka and nothing of the domains or the database."""

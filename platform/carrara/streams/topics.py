@@ -1,0 +1,52 @@
+"""Topic administration: create and describe topics, waiting for the broker to confirm."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from carrara.streams.client_config import admin_config
+
+
+class TopicAdmin:
+    def __init__(self, bootstrap: str) -> None:
+        self._admin = AdminClient(admin_config(bootstrap))
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        *,
+        config: dict[str, str] | None = None,
+        exist_ok: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
+        """Create `name` and wait until the broker has it; idempotent with `exist_ok`."""
+        futures = self._admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
+            operation_timeout=timeout,
+        )
+        try:
+            futures[name].result(timeout=timeout)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (exist_ok and error.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise
+
+    def partitions(self, name: str, timeout: float = 10.0) -> list[int]:
+        """Partition ids of `name`; empty when the topic does not exist."""
+        metadata = self._admin.list_topics(topic=name, timeout=timeout)
+        topic = metadata.topics.get(name)
+        if topic is None or topic.error is not None:
+            return []
+        return sorted(topic.partitions)
+
+    def delete_topics(self, names: list[str], timeout: float = 30.0) -> None:
+        if not names:
+            return
+        for future in self._admin.delete_topics(names, operation_timeout=timeout).values():
+            future.result(timeout=timeout)
+
+    def ping(self, timeout: float = 2.0) -> int:
+        """Number of brokers that answered a metadata request; raises KafkaException if none."""
+        return len(self._admin.list_topics(timeout=timeout).brokers)

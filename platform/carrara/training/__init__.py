@@ -1,0 +1,1 @@
+"""Training: the Celery worker, trainers per algorithm family, evaluation, MLflow registration."""

@@ -1,0 +1,193 @@
+"""Fixtures that talk to the real local stack (Kafka, Postgres, Redis, MLflow).
+
+A missing service fails the run loudly with what to do; nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from fastapi.testclient import TestClient
+from psycopg import sql
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from carrara.db import get_session, make_engine
+from carrara.settings import Settings, get_settings
+from carrara.streams.topics import TopicAdmin
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _require(name: str, probe: Callable[[], object]) -> None:
+    try:
+        probe()
+    except Exception as exc:
+        pytest.fail(
+            f"{name} is not reachable ({type(exc).__name__}: {exc}). Integration tests need the "
+            "real local stack: run `make test`, or `carrara stack up` first.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Settings:
+    """Settings of the running local stack, after checking every service answers."""
+    settings = Settings()
+    _require("Kafka", lambda: TopicAdmin(settings.kafka_bootstrap).ping(timeout=5))
+    _require("Redis", lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=3).ping())
+    _require(
+        "MLflow", lambda: httpx.get(f"{settings.mlflow_url}/health", timeout=5).raise_for_status()
+    )
+    _require(
+        "PostgreSQL",
+        lambda: psycopg.connect(_libpq(settings.database_url), connect_timeout=3).close(),
+    )
+    return settings
+
+
+def _libpq(url: str) -> str:
+    """A SQLAlchemy URL as a libpq connection string."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def test_database_url(stack_settings: Settings) -> Iterator[str]:
+    """A database created for this test session and migrated to head with Alembic."""
+    name = f"carrara_test_{RUN_ID}"
+    admin_url = _libpq(stack_settings.database_url)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = (
+        make_url(stack_settings.database_url)
+        .set(database=name)
+        .render_as_string(hide_password=False)
+    )
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["url"] = url
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+    yield url
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def engine(test_database_url: str) -> Iterator[Engine]:
+    eng = make_engine(test_database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db_session(engine: Engine) -> Iterator[Session]:
+    """A session in a transaction rolled back after the test (commits become savepoints)."""
+    connection = engine.connect()
+    transaction = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint")
+    try:
+        yield session
+    finally:
+        session.close()
+        transaction.rollback()
+        connection.close()
+
+
+@pytest.fixture
+def test_settings(stack_settings: Settings, test_database_url: str) -> Settings:
+    return stack_settings.model_copy(update={"database_url": test_database_url})
+
+
+@pytest.fixture
+def client(db_session: Session, test_settings: Settings) -> Iterator[TestClient]:
+    """The API bound to the test transaction and settings."""
+    from carrara.main import create_app
+
+    app = create_app()
+
+    def _session() -> Iterator[Session]:
+        yield db_session
+        db_session.flush()
+
+    app.dependency_overrides[get_session] = _session
+    app.dependency_overrides[get_settings] = lambda: test_settings
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest, stack_settings: Settings) -> Iterator[str]:
+    """A Kafka topic name unique to this test; the topic is deleted afterwards if created."""
+    safe = "".join(c if c.isalnum() else "-" for c in request.node.name)[:80]
+    name = f"test-{RUN_ID}-{safe}-{uuid.uuid4().hex[:6]}"
+    yield name
+    admin = TopicAdmin(stack_settings.kafka_bootstrap)
+    if admin.partitions(name):
+        admin.delete_topics([name])
+
+
+@pytest.fixture(scope="session")
+def mlflow_experiment(stack_settings: Settings) -> str:
+    """An MLflow experiment for this test session, on the real tracking server."""
+    import mlflow
+
+    mlflow.set_tracking_uri(stack_settings.mlflow_url)
+    name = f"carrara-tests-{RUN_ID}"
+    mlflow.set_experiment(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def celery_worker_queue(stack_settings: Settings) -> Iterator[str]:
+    """A real Celery worker process consuming a queue unique to this session."""
+    queue = f"carrara-test-{RUN_ID}"
+    log_path = ROOT / ".carrara" / "logs" / f"test-worker-{RUN_ID}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    env = {**os.environ, "CARRARA_REDIS_URL": stack_settings.redis_url}
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "celery"),
+            "-A",
+            "carrara.training.worker",
+            "worker",
+            "-Q",
+            queue,
+            "--pool=solo",
+            "--loglevel=INFO",
+            f"--hostname=test-{RUN_ID}@%h",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while b"ready." not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"celery worker did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield queue
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

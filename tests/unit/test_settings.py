@@ -1,0 +1,35 @@
+"""Settings derive client URLs from the stack's ports and refuse unsafe production defaults."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from carrara.settings import Settings
+
+
+def test_urls_follow_the_stack_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARRARA_PG_PORT", "6543")
+    monkeypatch.setenv("CARRARA_KAFKA_PORT", "19092")
+    settings = Settings()
+    assert settings.database_url.endswith("@127.0.0.1:6543/carrara")
+    assert settings.kafka_bootstrap == "127.0.0.1:19092"
+    assert settings.mlflow_database_url.endswith(":6543/mlflow")
+
+
+def test_explicit_urls_win_over_derived_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARRARA_REDIS_URL", "redis://cache.internal:6379/3")
+    assert Settings().redis_url == "redis://cache.internal:6379/3"
+
+
+def test_production_refuses_the_development_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARRARA_ENVIRONMENT", "production")
+    with pytest.raises(ValidationError, match=r"CARRARA_SECRET_KEY.*CARRARA_DATABASE_URL"):
+        Settings()
+
+
+def test_production_accepts_real_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARRARA_ENVIRONMENT", "production")
+    monkeypatch.setenv("CARRARA_SECRET_KEY", "x" * 40)
+    monkeypatch.setenv("CARRARA_DATABASE_URL", "postgresql+psycopg://app:s3cret@db:5432/carrara")
+    assert Settings().environment == "production"
