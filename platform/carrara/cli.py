@@ -6,6 +6,7 @@ client of the control plane (like any CI pipeline) and never imports the databas
 
 from __future__ import annotations
 
+import importlib
 import signal
 import subprocess
 import sys
@@ -24,6 +25,16 @@ from carrara.settings import Settings
 app = typer.Typer(help="Carrara: a Kafka-native ML platform.", no_args_is_help=True)
 stack_app = typer.Typer(help="Manage the local stack (no Docker needed).", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+for _name, _module in (
+    ("datasets", "carrara.commands.datasets"),
+    ("runs", "carrara.commands.runs"),
+    ("models", "carrara.commands.models"),
+    ("deployments", "carrara.commands.deployments"),
+    ("tokens", "carrara.commands.tokens"),
+    ("admin", "carrara.commands.admin"),
+):
+    _group = importlib.import_module(_module)
+    app.add_typer(_group.app, name=_name, help=_group.__doc__)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -41,6 +41,10 @@ def get_session() -> Iterator[Session]:
     try:
         yield session
         session.commit()
+        if session.info.pop("outbox_pending", False):
+            from carrara.outbox.relay import wake
+
+            wake()
     except BaseException:
         session.rollback()
         raise

@@ -2,23 +2,75 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
 
 from carrara import __version__
+from carrara.audit.router import router as audit_router
+from carrara.auth.router import router as tokens_router
+from carrara.datasets.router import router as datasets_router
+from carrara.deployments.router import router as deployments_router
+from carrara.errors import install_error_handlers
 from carrara.health.router import router as health_router
 from carrara.logging_setup import configure_logging
-from carrara.settings import get_settings
+from carrara.registry.router import router as models_router
+from carrara.settings import Settings, get_settings
+from carrara.training.router import router as runs_router
 
 
-def create_app() -> FastAPI:
-    settings = get_settings()
+def build_api_router() -> APIRouter:
+    """Everything under /api/v1; every route there needs an API token (see auth.dependencies)."""
+    api = APIRouter(prefix="/api/v1")
+    for router in (
+        datasets_router,
+        runs_router,
+        models_router,
+        deployments_router,
+        tokens_router,
+        audit_router,
+    ):
+        api.include_router(router)
+    return api
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        relay = None
+        if settings.outbox_relay_enabled:
+            from sqlalchemy.orm import sessionmaker
+
+            from carrara.db import engine_for
+            from carrara.outbox.relay import BackgroundRelay, OutboxRelay
+
+            relay = BackgroundRelay(
+                OutboxRelay(settings.kafka_bootstrap),
+                sessionmaker(bind=engine_for(settings.database_url)),
+            )
+            relay.start()
+        try:
+            yield
+        finally:
+            if relay is not None:
+                relay.stop()
+
     app = FastAPI(
         title="Carrara",
         version=__version__,
-        description="Kafka-native ML platform: datasets, training runs, models and deployments.",
+        description=(
+            "Kafka-native ML platform: datasets pinned to Kafka offsets, training runs, "
+            "models and declarative deployments. Authenticate with `Authorization: Bearer <token>`."
+        ),
+        lifespan=lifespan,
     )
+    install_error_handlers(app)
     app.include_router(health_router)
+    app.include_router(build_api_router())
     return app
 
 

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     kafka_version: str = "4.1.1"
     kafka_heap: str = "512m"
 
+    # The API process relays committed outbox messages (deployment revisions, training tasks).
+    outbox_relay_enabled: bool = True
+    deployments_topic: str = "carrara.deployments"
+
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""
     kafka_bootstrap: str = ""

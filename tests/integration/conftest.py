@@ -25,6 +25,8 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from carrara.auth.roles import Role
+from carrara.auth.service import create_token
 from carrara.db import get_session, make_engine
 from carrara.settings import Settings, get_settings
 from carrara.streams.topics import TopicAdmin
@@ -111,15 +113,19 @@ def db_session(engine: Engine) -> Iterator[Session]:
 
 @pytest.fixture
 def test_settings(stack_settings: Settings, test_database_url: str) -> Settings:
-    return stack_settings.model_copy(update={"database_url": test_database_url})
+    # The background relay would use its own connections, which cannot see the test's
+    # uncommitted transaction: tests drive the relay explicitly with `OutboxRelay.run_once`.
+    return stack_settings.model_copy(
+        update={"database_url": test_database_url, "outbox_relay_enabled": False}
+    )
 
 
 @pytest.fixture
 def client(db_session: Session, test_settings: Settings) -> Iterator[TestClient]:
-    """The API bound to the test transaction and settings."""
+    """The API bound to the test transaction and settings (no token: add `headers=`)."""
     from carrara.main import create_app
 
-    app = create_app()
+    app = create_app(test_settings)
 
     def _session() -> Iterator[Session]:
         yield db_session
@@ -191,3 +197,24 @@ def celery_worker_queue(stack_settings: Settings) -> Iterator[str]:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def _token_headers(session: Session, role: Role, name: str) -> dict[str, str]:
+    _, secret = create_token(session, name, role, created_by=None)
+    session.flush()
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def admin_headers(db_session: Session) -> dict[str, str]:
+    return _token_headers(db_session, Role.admin, "test-admin")
+
+
+@pytest.fixture
+def editor_headers(db_session: Session) -> dict[str, str]:
+    return _token_headers(db_session, Role.editor, "test-editor")
+
+
+@pytest.fixture
+def viewer_headers(db_session: Session) -> dict[str, str]:
+    return _token_headers(db_session, Role.viewer, "test-viewer")

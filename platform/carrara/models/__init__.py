@@ -1,6 +1,24 @@
 """SQLAlchemy 2 typed models; importing this package registers every table on `Base.metadata`."""
 
+from carrara.models.auth import ApiToken, AuditEvent
 from carrara.models.base import Base
 from carrara.models.datasets import Dataset, DatasetVersion
+from carrara.models.deployments import Deployment, DeploymentRevision
+from carrara.models.outbox import OutboxMessage
+from carrara.models.registry import ModelAlias, ModelVersion, RegisteredModel
+from carrara.models.training import TrainingRun
 
-__all__ = ["Base", "Dataset", "DatasetVersion"]
+__all__ = [
+    "ApiToken",
+    "AuditEvent",
+    "Base",
+    "Dataset",
+    "DatasetVersion",
+    "Deployment",
+    "DeploymentRevision",
+    "ModelAlias",
+    "ModelVersion",
+    "OutboxMessage",
+    "RegisteredModel",
+    "TrainingRun",
+]

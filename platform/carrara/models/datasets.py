@@ -24,6 +24,7 @@ class Dataset(TimestampMixin, Base):
     features: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
     description: Mapped[str] = mapped_column(Text, default="")
     owner: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[str] = mapped_column(String(100), default="")
 
     versions: Mapped[list[DatasetVersion]] = relationship(
         back_populates="dataset", order_by="DatasetVersion.number"
@@ -42,6 +43,10 @@ class DatasetVersion(TimestampMixin, Base):
     # [{"partition": 0, "start": 0, "end": 1200}, ...]
     offsets: Mapped[list[dict[str, int]]] = mapped_column(JSONB)
     event_count: Mapped[int] = mapped_column(BigInteger)
+    # How the offsets were chosen: "latest", "time_range" or "explicit" (with the inputs given).
+    mode: Mapped[str] = mapped_column(String(20), default="latest")
+    selector: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    created_by: Mapped[str] = mapped_column(String(100), default="")
     description: Mapped[str] = mapped_column(Text, default="")
 
     dataset: Mapped[Dataset] = relationship(back_populates="versions")

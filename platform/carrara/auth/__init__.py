@@ -1,0 +1,1 @@
+"""API tokens, roles and the principal behind each request."""

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+
+from carrara.audit.service import record
+from carrara.auth import service
+from carrara.auth.dependencies import Admin, SessionDep, Viewer
+from carrara.auth.schemas import TokenCreate, TokenCreated, TokenOut, WhoAmI
+from carrara.pagination import Page, PageParams, page_params
+
+router = APIRouter(prefix="/tokens", tags=["tokens"])
+
+
+@router.get("/me", response_model=WhoAmI)
+def whoami(principal: Viewer) -> WhoAmI:
+    """The token making this call: its name and role."""
+    return WhoAmI(token_id=principal.token_id, name=principal.name, role=principal.role)
+
+
+@router.post("", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def create_token(body: TokenCreate, session: SessionDep, principal: Admin) -> TokenCreated:
+    """Create an API token. The secret is in this response only; it is stored hashed."""
+    row, secret = service.create_token(session, body.name, body.role, principal)
+    record(
+        session,
+        principal,
+        "token.create",
+        "token",
+        row.id,
+        after={"name": row.name, "role": row.role},
+    )
+    session.flush()
+    session.refresh(row)
+    return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)
+
+
+@router.get("", response_model=Page[TokenOut])
+def list_tokens(
+    session: SessionDep, _: Admin, params: Annotated[PageParams, Depends(page_params)]
+) -> Page[TokenOut]:
+    """All tokens (never their secrets), newest first."""
+    items, cursor = service.list_tokens(session, params)
+    return Page(items=[TokenOut.model_validate(i) for i in items], next_cursor=cursor)
+
+
+@router.delete("/{token_id}", response_model=TokenOut)
+def revoke_token(token_id: int, session: SessionDep, principal: Admin) -> TokenOut:
+    """Revoke a token: it stops working at once."""
+    row = service.revoke_token(session, token_id)
+    record(
+        session,
+        principal,
+        "token.revoke",
+        "token",
+        row.id,
+        before={"name": row.name, "role": row.role},
+    )
+    return TokenOut.model_validate(row)

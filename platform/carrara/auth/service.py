@@ -1,0 +1,98 @@
+"""Token lifecycle: create (the secret is shown once), verify, list, revoke."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from carrara.auth.roles import Role
+from carrara.errors import Conflict, NotFound, Unauthorized
+from carrara.models import ApiToken
+from carrara.pagination import PageParams, paginate
+
+TOKEN_PREFIX = "crr_"  # noqa: S105 - a public marker that makes leaked tokens greppable
+# Writing `last_used_at` on every request would turn reads into writes; once a minute is enough.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's id, name and role."""
+
+    token_id: int | None
+    name: str
+    role: Role
+
+    def can(self, required: Role) -> bool:
+        return self.role.allows(required)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, name: str, role: Role, created_by: Principal | None
+) -> tuple[ApiToken, str]:
+    """Create a token; returns the row and the secret, which is never stored or shown again."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(
+        name=name,
+        role=role.value,
+        prefix=secret[:12],
+        token_hash=hash_token(secret),
+        created_by_id=created_by.token_id if created_by else None,
+    )
+    session.add(row)
+    session.flush()
+    return row, secret
+
+
+def authenticate(session: Session, secret: str) -> Principal:
+    """The principal behind a bearer token; 401 when unknown or revoked."""
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
+    if row is None:
+        raise Unauthorized("the bearer token is not valid")
+    if row.revoked_at is not None:
+        raise Unauthorized(f"token {row.prefix}… was revoked")
+    now = datetime.now(UTC)
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        row.last_used_at = now
+    return Principal(token_id=row.id, name=row.name, role=Role(row.role))
+
+
+def list_tokens(session: Session, params: PageParams) -> tuple[list[ApiToken], str | None]:
+    return paginate(session, select(ApiToken), ApiToken.id, params)
+
+
+def get_token(session: Session, token_id: int) -> ApiToken:
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFound(f"token {token_id} does not exist")
+    return row
+
+
+def revoke_token(session: Session, token_id: int) -> ApiToken:
+    row = get_token(session, token_id)
+    if row.revoked_at is not None:
+        raise Conflict(f"token {token_id} is already revoked")
+    row.revoked_at = datetime.now(UTC)
+    return row
+
+
+def bootstrap_admin(session: Session, name: str = "admin") -> str | None:
+    """Create the first admin token when no active admin exists; None if there already is one."""
+    active_admins = session.scalar(
+        select(func.count())
+        .select_from(ApiToken)
+        .where(ApiToken.role == Role.admin.value, ApiToken.revoked_at.is_(None))
+    )
+    if active_admins:
+        return None
+    _, secret = create_token(session, name, Role.admin, created_by=None)
+    return secret

@@ -1,0 +1,1 @@
+"""Command groups of the `carrara` CLI; each module exposes a typer `app`."""

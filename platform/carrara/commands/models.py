@@ -1,0 +1,5 @@
+"""Models (REST client)."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

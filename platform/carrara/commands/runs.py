@@ -1,0 +1,5 @@
+"""Runs (REST client)."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

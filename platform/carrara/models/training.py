@@ -1,0 +1,44 @@
+"""Training runs: a dataset version + algorithm + params, and their lifecycle."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from carrara.models.base import Base, TimestampMixin
+from carrara.models.datasets import DatasetVersion
+
+RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
+
+
+class TrainingRun(TimestampMixin, Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"), index=True)
+    algorithm: Mapped[str] = mapped_column(String(50))
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    holdout: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    registered_model_name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    events_replayed: Mapped[int] = mapped_column(BigInteger, default=0)
+    events_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_url: Mapped[str | None] = mapped_column(String(500))
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", use_alter=True)
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    created_by: Mapped[str] = mapped_column(String(100), default="")
+
+    dataset_version: Mapped[DatasetVersion] = relationship()

@@ -1,0 +1,148 @@
+"""The relay: deliver committed outbox messages to Kafka or Celery and mark them published.
+
+Rows are claimed with `FOR UPDATE SKIP LOCKED`, so several API processes can relay at once without
+sending a message twice. Messages with the same key are delivered in order: once one fails, the
+later ones with that key wait for the next round.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from carrara.models import OutboxMessage
+from carrara.streams.client_config import producer_config
+
+log = structlog.get_logger(__name__)
+_wakeup = threading.Event()
+
+
+def wake() -> None:
+    """Tell the background relay that new messages were committed (saves waiting a tick)."""
+    _wakeup.set()
+
+
+TaskSender = Callable[[str, dict[str, Any], str], None]
+
+
+def celery_sender(name: str, kwargs: dict[str, Any], task_id: str) -> None:
+    from carrara.training.worker import app
+
+    app.send_task(name, kwargs=kwargs, task_id=task_id)
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        kafka_bootstrap: str,
+        send_task: TaskSender = celery_sender,
+        delivery_timeout_ms: int = 10_000,
+    ) -> None:
+        self._producer = Producer(
+            producer_config(
+                kafka_bootstrap,
+                **{"message.timeout.ms": delivery_timeout_ms, "log_level": 3},
+            )
+        )
+        self._send_task = send_task
+        self._timeout_s = delivery_timeout_ms / 1000 + 5
+
+    def run_once(self, session: Session, batch: int = 200) -> int:
+        """Deliver up to `batch` pending messages in `session`'s transaction; returns how many."""
+        rows = list(
+            session.scalars(
+                select(OutboxMessage)
+                .where(OutboxMessage.published_at.is_(None))
+                .order_by(OutboxMessage.id)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if not rows:
+            return 0
+        failed_keys: set[tuple[str, str | None]] = set()
+        errors: dict[int, str] = {}
+        kafka_rows: list[OutboxMessage] = []
+        for row in rows:
+            group = (row.destination, row.key)
+            if group in failed_keys:
+                errors[row.id] = "waiting for an earlier message with the same key"
+                continue
+            if row.kind == "celery":
+                try:
+                    self._send_task(row.destination, row.payload or {}, row.key or str(row.id))
+                except Exception as exc:  # broker down: keep the row, retry next round
+                    errors[row.id] = f"{type(exc).__name__}: {exc}"
+                    failed_keys.add(group)
+            else:
+                kafka_rows.append(row)
+                self._produce(row, errors)
+        if kafka_rows:
+            self._producer.flush(self._timeout_s)
+        now = datetime.now(UTC)
+        delivered = 0
+        for row in rows:
+            if row.id in errors:
+                row.attempts += 1
+                row.last_error = errors[row.id][:2000]
+            else:
+                row.published_at = now
+                row.last_error = None
+                delivered += 1
+        return delivered
+
+    def _produce(self, row: OutboxMessage, errors: dict[int, str]) -> None:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors[row.id] = str(err)
+
+        value = None if row.payload is None else orjson.dumps(row.payload)
+        try:
+            self._producer.produce(
+                row.destination,
+                key=row.key,
+                value=value,
+                headers=list(row.headers.items()),
+                on_delivery=on_delivery,
+            )
+        except (BufferError, KafkaException) as exc:
+            errors[row.id] = str(exc)
+
+
+class BackgroundRelay:
+    """Runs the relay in a thread of the API process: on every commit wake-up, else every second."""
+
+    def __init__(self, relay: OutboxRelay, session_factory: Callable[[], Session]) -> None:
+        self._relay = relay
+        self._session_factory = session_factory
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        _wakeup.set()
+        self._thread.join(timeout=15)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            _wakeup.wait(timeout=1.0)
+            _wakeup.clear()
+            try:
+                with self._session_factory() as session, session.begin():
+                    delivered = self._relay.run_once(session)
+                if delivered:
+                    log.info("outbox relayed", delivered=delivered)
+            except Exception:
+                log.exception("outbox relay round failed; retrying")
+                self._stop.wait(2.0)
