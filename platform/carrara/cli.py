@@ -142,6 +142,7 @@ def demo(
             if status.started_now:
                 started.append(name)
         _print_endpoints(settings)
+        _print_admin_token(settings)
         ready = _readiness(settings)
         if once:
             raise typer.Exit(0 if ready else 1)
@@ -178,6 +179,28 @@ def _print_endpoints(settings: Settings) -> None:
     table.add_row("Redis", settings.redis_url)
     table.add_row("Data and logs", str(settings.home))
     console.print(table)
+
+
+def _print_admin_token(settings: Settings) -> None:
+    """Create the first admin token on a new stack; keep it (mode 0600) under the stack's home."""
+    from sqlalchemy.orm import Session
+
+    from carrara.auth.service import bootstrap_admin
+    from carrara.db import engine_for
+
+    token_file = settings.home / "admin-token"
+    with Session(engine_for(settings.database_url)) as session, session.begin():
+        secret = bootstrap_admin(session, "demo-admin")
+    if secret is not None:
+        token_file.write_text(secret + "\n")
+        token_file.chmod(0o600)
+    if token_file.exists():
+        console.print(
+            f"Admin token (also in {token_file}): [bold]{token_file.read_text().strip()}[/bold]"
+        )
+        console.print(f"  export CARRARA_TOKEN=$(cat {token_file})")
+    else:
+        console.print("An admin token exists already; create more with `carrara tokens create`.")
 
 
 def _readiness(settings: Settings) -> bool:

@@ -6,11 +6,13 @@ A missing service fails the run loudly with what to do; nothing is ever skipped.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -218,3 +220,93 @@ def editor_headers(db_session: Session) -> dict[str, str]:
 @pytest.fixture
 def viewer_headers(db_session: Session) -> dict[str, str]:
     return _token_headers(db_session, Role.viewer, "test-viewer")
+
+
+@dataclass(frozen=True)
+class LiveApi:
+    """A real uvicorn process serving the API on the session's test database."""
+
+    url: str
+    admin_token: str
+    env: dict[str, str]  # CARRARA_API_URL + CARRARA_TOKEN (admin), for CLI calls
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_api(test_database_url: str, stack_settings: Settings) -> Iterator[LiveApi]:
+    """The API in its own process (as CI pipelines and the CLI see it), with an admin token.
+
+    Its data is committed to the session's test database (not rolled back per test), so tests using
+    it create uniquely named resources.
+    """
+    engine = make_engine(test_database_url)
+    with Session(engine) as session, session.begin():
+        _, secret = create_token(session, f"live-admin-{RUN_ID}", Role.admin, created_by=None)
+    engine.dispose()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CARRARA_DATABASE_URL": test_database_url,
+        "CARRARA_API_PORT": str(port),
+        "CARRARA_OUTBOX_RELAY_ENABLED": "true",
+    }
+    log_path = ROOT / ".carrara" / "logs" / f"test-api-{RUN_ID}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "uvicorn"),
+                "carrara.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield LiveApi(
+        url=url,
+        admin_token=secret,
+        env={"CARRARA_API_URL": url, "CARRARA_TOKEN": secret},
+    )
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_cli(
+    live: LiveApi, *args: str, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `carrara` command against `live` (as a CI pipeline would)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "carrara"), *args],
+        cwd=ROOT,
+        env={**os.environ, **live.env, "COLUMNS": "200"},
+        input=input_text,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
