@@ -12,9 +12,40 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class ProblemDetail(BaseModel):
+    """An RFC 9457 problem: `detail` says precisely what is wrong."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def _problem_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "model": ProblemDetail,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}},
+    }
+
+
+# Documented on every /api/v1 operation, so clients (and schemathesis) know what errors look like.
+API_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _problem_response("Malformed request"),
+    401: _problem_response("No valid API token"),
+    403: _problem_response("The token's role does not allow this"),
+    404: _problem_response("A named resource does not exist"),
+    409: _problem_response("Conflicts with the current state"),
+    422: _problem_response("The content is not acceptable; `errors` names the fields"),
+    503: _problem_response("A dependency (Kafka, MLflow, Redis) is unreachable; retry later"),
+}
 
 
 class DomainError(Exception):

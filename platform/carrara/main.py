@@ -12,7 +12,7 @@ from carrara.audit.router import router as audit_router
 from carrara.auth.router import router as tokens_router
 from carrara.datasets.router import router as datasets_router
 from carrara.deployments.router import router as deployments_router
-from carrara.errors import install_error_handlers
+from carrara.errors import API_ERROR_RESPONSES, install_error_handlers
 from carrara.health.router import router as health_router
 from carrara.logging_setup import configure_logging
 from carrara.registry.router import router as models_router
@@ -22,7 +22,7 @@ from carrara.training.router import router as runs_router
 
 def build_api_router() -> APIRouter:
     """Everything under /api/v1; every route there needs an API token (see auth.dependencies)."""
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", responses=API_ERROR_RESPONSES)
     for router in (
         datasets_router,
         runs_router,

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,27 +70,31 @@ def _libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+@contextmanager
+def migrated_database(settings: Settings, name: str) -> Iterator[str]:
+    """Create database `name`, migrate it to head with Alembic, drop it afterwards."""
+    admin_url = _libpq(settings.database_url)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_url(settings.database_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        config = Config(str(ROOT / "alembic.ini"))
+        config.attributes["url"] = url
+        config.attributes["configure_logger"] = False
+        command.upgrade(config, "head")
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 @pytest.fixture(scope="session")
 def test_database_url(stack_settings: Settings) -> Iterator[str]:
     """A database created for this test session and migrated to head with Alembic."""
-    name = f"carrara_test_{RUN_ID}"
-    admin_url = _libpq(stack_settings.database_url)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = (
-        make_url(stack_settings.database_url)
-        .set(database=name)
-        .render_as_string(hide_password=False)
-    )
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["url"] = url
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with migrated_database(stack_settings, f"carrara_test_{RUN_ID}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -229,6 +234,7 @@ class LiveApi:
     url: str
     admin_token: str
     env: dict[str, str]  # CARRARA_API_URL + CARRARA_TOKEN (admin), for CLI calls
+    log: Path
 
 
 def _free_port() -> int:
@@ -237,25 +243,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def live_api(test_database_url: str, stack_settings: Settings) -> Iterator[LiveApi]:
-    """The API in its own process (as CI pipelines and the CLI see it), with an admin token.
-
-    Its data is committed to the session's test database (not rolled back per test), so tests using
-    it create uniquely named resources.
-    """
-    engine = make_engine(test_database_url)
+@contextmanager
+def running_api(database_url: str, label: str, **env_overrides: str) -> Iterator[LiveApi]:
+    """Run uvicorn serving the API on `database_url`, with a committed admin token."""
+    engine = make_engine(database_url)
     with Session(engine) as session, session.begin():
-        _, secret = create_token(session, f"live-admin-{RUN_ID}", Role.admin, created_by=None)
+        _, secret = create_token(session, f"{label}-admin-{RUN_ID}", Role.admin, created_by=None)
     engine.dispose()
     port = _free_port()
     env = {
         **os.environ,
-        "CARRARA_DATABASE_URL": test_database_url,
+        "CARRARA_DATABASE_URL": database_url,
         "CARRARA_API_PORT": str(port),
         "CARRARA_OUTBOX_RELAY_ENABLED": "true",
+        **env_overrides,
     }
-    log_path = ROOT / ".carrara" / "logs" / f"test-api-{RUN_ID}.log"
+    log_path = ROOT / ".carrara" / "logs" / f"test-{label}-{RUN_ID}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -274,26 +277,39 @@ def live_api(test_database_url: str, stack_settings: Settings) -> Iterator[LiveA
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the API did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield LiveApi(
-        url=url,
-        admin_token=secret,
-        env={"CARRARA_API_URL": url, "CARRARA_TOKEN": secret},
-    )
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield LiveApi(
+            url=url,
+            admin_token=secret,
+            env={"CARRARA_API_URL": url, "CARRARA_TOKEN": secret},
+            log=log_path,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_api(test_database_url: str, stack_settings: Settings) -> Iterator[LiveApi]:
+    """The API in its own process (as CI pipelines and the CLI see it), with an admin token.
+
+    Its data is committed to the session's test database (not rolled back per test), so tests using
+    it create uniquely named resources.
+    """
+    with running_api(test_database_url, "api") as api:
+        yield api
 
 
 def run_cli(

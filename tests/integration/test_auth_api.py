@@ -99,13 +99,20 @@ def test_mutations_are_audited_with_actor_and_paginated(
     ]
     client.delete(f"/api/v1/tokens/{ids[0]}", headers=admin_headers)
     first = client.get(
-        "/api/v1/audit", params={"resource_type": "token", "limit": 2}, headers=admin_headers
+        "/api/v1/audit",
+        params={"resource_type": "token", "actor": "test-admin", "limit": 2},
+        headers=admin_headers,
     ).json()
     assert [e["action"] for e in first["items"]] == ["token.revoke", "token.create"]
     assert all(e["actor"] == "test-admin" for e in first["items"])
     second = client.get(
         "/api/v1/audit",
-        params={"resource_type": "token", "limit": 2, "cursor": first["next_cursor"]},
+        params={
+            "resource_type": "token",
+            "actor": "test-admin",
+            "limit": 2,
+            "cursor": first["next_cursor"],
+        },
         headers=admin_headers,
     ).json()
     assert [e["resource_id"] for e in second["items"]] == [str(ids[1]), str(ids[0])]
