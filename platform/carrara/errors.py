@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = structlog.get_logger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -111,6 +115,18 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return problem(422, "Unprocessable content", detail or "invalid request", errors=errors)
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        # A value Postgres cannot store (out of range, bad encoding) came from the client: the
+        # schemas bound what they can, this is the safety net that keeps it a 4xx.
+        reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
+        return problem(422, "Unprocessable content", f"a value cannot be stored: {reason}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", error=type(exc).__name__)
+        return problem(500, "Internal server error", "an unexpected error occurred; it was logged")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

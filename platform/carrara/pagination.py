@@ -36,7 +36,10 @@ def decode_cursor(cursor: str) -> int:
         prefix, value = raw.split(":", 1)
         if prefix != "id":
             raise ValueError(prefix)
-        return int(value)
+        last_id = int(value)
+        if not 0 < last_id <= 2**63 - 1:
+            raise ValueError(value)
+        return last_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise Invalid(f"cursor {cursor!r} is not a cursor this API returned") from exc
 

@@ -4,10 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
 
+from carrara.api_types import DbId
 from carrara.audit.service import record
 from carrara.auth import service
 from carrara.auth.dependencies import Admin, SessionDep, Viewer
 from carrara.auth.schemas import TokenCreate, TokenCreated, TokenOut, WhoAmI
+from carrara.errors import Conflict
 from carrara.pagination import Page, PageParams, page_params
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
@@ -46,8 +48,10 @@ def list_tokens(
 
 
 @router.delete("/{token_id}", response_model=TokenOut)
-def revoke_token(token_id: int, session: SessionDep, principal: Admin) -> TokenOut:
-    """Revoke a token: it stops working at once."""
+def revoke_token(token_id: DbId, session: SessionDep, principal: Admin) -> TokenOut:
+    """Revoke a token: it stops working at once. A token cannot revoke itself."""
+    if token_id == principal.token_id:
+        raise Conflict("a token cannot revoke itself; revoke it with another admin token")
     row = service.revoke_token(session, token_id)
     record(
         session,
