@@ -38,6 +38,12 @@ class TrainingRun(TimestampMixin, Base):
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", use_alter=True)
     )
+    # Worker bookkeeping: which worker holds the run, how many times it was started (a run whose
+    # worker died is re-queued until MAX_ATTEMPTS), and structured results beyond flat metrics
+    # (bad-event sample, AutoML leaderboard, ONNX parity).
+    worker: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    results: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_by: Mapped[str] = mapped_column(String(100), default="")
 
