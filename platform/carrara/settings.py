@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     # The API process relays committed outbox messages (deployment revisions, training tasks).
     outbox_relay_enabled: bool = True
     deployments_topic: str = "carrara.deployments"
+    # Celery queue training tasks are sent to (and workers consume).
+    training_queue: str = "carrara"
+    # A running run whose worker has not written a heartbeat for this long is considered lost:
+    # the control plane re-queues it (up to `training_max_attempts` starts) or fails it.
+    run_heartbeat_interval_s: float = 5.0
+    run_heartbeat_timeout_s: float = 60.0
+    training_max_attempts: int = 3
 
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""

@@ -709,11 +709,11 @@ def test_the_relay_sends_the_task_only_once_the_run_is_visible_committed(
         assert outbox_rows(elsewhere, run_id) == []
         assert elsewhere.get(TrainingRun, run_id) is None
 
-    sent: list[tuple[str, dict[str, Any], str]] = []
+    sent: list[tuple[str, dict[str, Any], str, str | None]] = []
     relay = OutboxRelay(stack_settings.kafka_bootstrap, send_task=lambda *call: sent.append(call))
     relay.run_once(db_session)  # the relay in the transaction where the run exists
     ours = [call for call in sent if call[2] == task_id]
-    assert ours == [("carrara.training.train_run", {"run_id": run_id}, task_id)]
+    assert ours == [("carrara.training.train_run", {"run_id": run_id}, task_id, "carrara")]
     (row,) = outbox_rows(db_session, run_id)
     assert row.published_at is not None
     assert row.attempts == 0
@@ -730,7 +730,7 @@ def test_a_relay_that_cannot_reach_the_broker_keeps_the_task_for_later(
 ) -> None:
     run_id = _start(client, editor_headers, dataset)
 
-    def broker_down(name: str, kwargs: dict[str, Any], task_id: str) -> None:
+    def broker_down(name: str, kwargs: dict[str, Any], task_id: str, queue: str | None) -> None:
         raise ConnectionError("redis is down")
 
     OutboxRelay(stack_settings.kafka_bootstrap, send_task=broker_down).run_once(db_session)
@@ -738,11 +738,11 @@ def test_a_relay_that_cannot_reach_the_broker_keeps_the_task_for_later(
     assert row.published_at is None
     assert row.attempts == 1
     assert "redis is down" in (row.last_error or "")
-    sent: list[tuple[str, dict[str, Any], str]] = []
+    sent: list[tuple[str, dict[str, Any], str, str | None]] = []
     OutboxRelay(stack_settings.kafka_bootstrap, send_task=lambda *c: sent.append(c)).run_once(
         db_session
     )
-    assert ("carrara.training.train_run", {"run_id": run_id}, f"run-{run_id}") in sent
+    assert ("carrara.training.train_run", {"run_id": run_id}, f"run-{run_id}", "carrara") in sent
 
 
 def test_a_started_run_reaches_the_real_celery_broker(

@@ -17,6 +17,7 @@ LEGAL = {
     ("running", "succeeded"),
     ("running", "failed"),
     ("running", "cancelled"),
+    ("running", "queued"),  # the worker was lost: the run is queued again
 }
 
 

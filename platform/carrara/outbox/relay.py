@@ -30,13 +30,16 @@ def wake() -> None:
     _wakeup.set()
 
 
-TaskSender = Callable[[str, dict[str, Any], str], None]
+# (task name, kwargs, task id, queue or None for the default queue)
+TaskSender = Callable[[str, dict[str, Any], str, str | None], None]
 
 
-def celery_sender(name: str, kwargs: dict[str, Any], task_id: str) -> None:
+def celery_sender(
+    name: str, kwargs: dict[str, Any], task_id: str, queue: str | None = None
+) -> None:
     from carrara.training.worker import app
 
-    app.send_task(name, kwargs=kwargs, task_id=task_id)
+    app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue)
 
 
 class OutboxRelay:
@@ -78,7 +81,12 @@ class OutboxRelay:
                 continue
             if row.kind == "celery":
                 try:
-                    self._send_task(row.destination, row.payload or {}, row.key or str(row.id))
+                    self._send_task(
+                        row.destination,
+                        row.payload or {},
+                        row.key or str(row.id),
+                        (row.headers or {}).get("queue"),
+                    )
                 except Exception as exc:  # broker down: keep the row, retry next round
                     errors[row.id] = f"{type(exc).__name__}: {exc}"
                     failed_keys.add(group)

@@ -32,13 +32,15 @@ MAX_ERROR_CHARS = 20_000
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelled"}),
+    # running -> queued: the worker was lost (no heartbeat) and the run goes back to the queue.
+    "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
     "succeeded": frozenset(),
     "failed": frozenset(),
     "cancelled": frozenset(),
 }
 # The audit action recorded for a move into each state.
 ACTIONS = {
+    "queued": "run.requeue",
     "running": "run.start",
     "succeeded": "run.succeed",
     "failed": "run.fail",
@@ -330,6 +332,23 @@ def mark_succeeded(
     run.mlflow_run_id = mlflow_run_id
     run.mlflow_url = mlflow_url
     run.model_version_id = model_version_id
+    return run
+
+
+def requeue_lost_run(session: Session, run: TrainingRun, reason: str) -> TrainingRun:
+    """Control plane: the run's worker stopped sending heartbeats; queue the run again.
+
+    A new task id per attempt, so the broker never deduplicates the retry against the lost one.
+    """
+    _transition(session, WORKER, run, "queued")
+    run.error = _text_safe(reason)[:MAX_ERROR_CHARS]
+    run.worker = None
+    enqueue_task(
+        session,
+        TRAIN_TASK,
+        {"run_id": run.id},
+        task_id=f"{task_id_for(run.id)}-attempt-{run.attempts + 1}",
+    )
     return run
 
 
