@@ -35,6 +35,7 @@ for _name, _module in (
 ):
     _group = importlib.import_module(_module)
     app.add_typer(_group.app, name=_name, help=_group.__doc__)
+app.command("deploy")(importlib.import_module("carrara.commands.deployments").deploy_command)
 
 console = Console()
 err_console = Console(stderr=True)

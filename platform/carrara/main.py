@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import APIRouter, FastAPI
 
 from carrara import __version__
@@ -17,7 +19,10 @@ from carrara.health.router import router as health_router
 from carrara.logging_setup import configure_logging
 from carrara.registry.router import router as models_router
 from carrara.settings import Settings, get_settings
+from carrara.streams.topics import TopicAdmin
 from carrara.training.router import router as runs_router
+
+log = structlog.get_logger(__name__)
 
 
 def build_api_router() -> APIRouter:
@@ -35,6 +40,25 @@ def build_api_router() -> APIRouter:
     return api
 
 
+async def ensure_deployments_topic(settings: Settings) -> None:
+    """Create the compacted deployments topic if needed; a Kafka outage only logs a warning."""
+
+    def _ensure() -> None:
+        TopicAdmin(settings.kafka_bootstrap).ensure_compacted_topic(
+            settings.deployments_topic, timeout=10.0
+        )
+
+    try:
+        await asyncio.to_thread(_ensure)
+    except Exception as exc:
+        # The API must start without Kafka; until the topic exists, revisions wait in the outbox.
+        log.warning(
+            "cannot ensure the deployments topic",
+            topic=settings.deployments_topic,
+            error=str(exc),
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -43,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         relay = None
         if settings.outbox_relay_enabled:
+            await ensure_deployments_topic(settings)
             from sqlalchemy.orm import sessionmaker
 
             from carrara.db import engine_for

@@ -10,7 +10,8 @@ from typing import Any
 
 
 def admin_config(bootstrap: str) -> dict[str, Any]:
-    return {"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000}
+    # log_level 3 (errors only, no per-attempt connection chatter while a broker is down).
+    return {"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000, "log_level": 3}
 
 
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from carrara.streams.client_config import admin_config
 
@@ -32,6 +38,36 @@ class TopicAdmin:
             error = exc.args[0]
             if not (exist_ok and error.code() == KafkaError.TOPIC_ALREADY_EXISTS):
                 raise
+
+    def ensure_compacted_topic(
+        self, name: str, partitions: int = 1, *, timeout: float = 30.0
+    ) -> bool:
+        """Make `name` exist with `cleanup.policy=compact`; True if it was created or altered."""
+        if not self.partitions(name, timeout=timeout):
+            try:
+                self.create_topic(
+                    name, partitions, config={"cleanup.policy": "compact"}, timeout=timeout
+                )
+                return True
+            except KafkaException as exc:
+                # Another process created it meanwhile: fall through and check its policy.
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+        resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+        configs = self._admin.describe_configs([resource], request_timeout=timeout)[resource]
+        policy = configs.result(timeout=timeout)["cleanup.policy"].value or ""
+        if "compact" in policy.split(","):
+            return False
+        # A topic auto-created (or made by hand) with `delete` would lose the latest revision of
+        # an idle deployment after retention: switch it to compaction rather than refuse to start.
+        entry = ConfigEntry(
+            "cleanup.policy", "compact", incremental_operation=AlterConfigOpType.SET
+        )
+        alter = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=[entry])
+        self._admin.incremental_alter_configs([alter], request_timeout=timeout)[alter].result(
+            timeout=timeout
+        )
+        return True
 
     def partitions(self, name: str, timeout: float = 10.0) -> list[int]:
         """Partition ids of `name`; empty when the topic does not exist."""

@@ -1,0 +1,162 @@
+"""Pydantic I/O models of the deployments API: the desired state, revisions, rollback."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from carrara.registry.schemas import ALIAS_PATTERN, MAX_VERSION, MODEL_NAME_PATTERN
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+# The characters Kafka allows in a topic name.
+TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+MAX_VARIANTS = 10
+
+DeploymentName = Annotated[
+    str, Path(pattern=NAME_PATTERN, max_length=100, description="Deployment name (a slug)")
+]
+TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, max_length=249)]
+Reason = Annotated[
+    str, Field(max_length=500, description="Why: shown in the revision history and audit log")
+]
+
+
+class VariantIn(BaseModel):
+    """A model version taking a share of the traffic, or shadowing it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=100, description="Variant name, e.g. `a`")
+    model: str = Field(
+        pattern=MODEL_NAME_PATTERN, max_length=200, description="Registered model name"
+    )
+    version: int | None = Field(
+        default=None, ge=1, le=MAX_VERSION, description="Model version (or give `alias`)"
+    )
+    alias: str | None = Field(
+        default=None,
+        pattern=ALIAS_PATTERN,
+        max_length=100,
+        description="Model alias, resolved to a version when the deployment is applied",
+    )
+    weight: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description=(
+            "Percent of the live traffic. The weights of live (non-shadow) variants sum to "
+            "exactly 100; shadow variants must have weight 0 (they score a copy of the traffic "
+            "and their predictions are never the answer)."
+        ),
+    )
+    shadow: bool = Field(default=False, description="Score a copy of the traffic, silently")
+    shadow_sample_pct: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Shadow variants only: percent of events to score (default 100)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> VariantIn:
+        if (self.version is None) == (self.alias is None):
+            raise ValueError(f"variant '{self.name}': give exactly one of `version` or `alias`")
+        if self.shadow and self.weight != 0:
+            raise ValueError(
+                f"variant '{self.name}': a shadow variant takes no live traffic, its weight "
+                f"must be 0 (got {self.weight})"
+            )
+        if not self.shadow and self.shadow_sample_pct is not None:
+            raise ValueError(f"variant '{self.name}': shadow_sample_pct is for shadow variants")
+        return self
+
+
+class DeploymentPut(BaseModel):
+    """The desired state of a deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_topic: TopicName = Field(description="Kafka topic of the events to score")
+    output_topic: TopicName = Field(description="Kafka topic the predictions go to")
+    key_field: str = Field(
+        min_length=1, max_length=200, description="Event field holding the entity key"
+    )
+    pool: str = Field(
+        default="default", pattern=NAME_PATTERN, max_length=100, description="Scorer pool"
+    )
+    variants: list[VariantIn] = Field(min_length=1, max_length=MAX_VARIANTS)
+    description: str = Field(default="", max_length=2000)
+    reason: Reason = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentPut:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)}")
+        live = [v for v in self.variants if not v.shadow]
+        if not live:
+            raise ValueError("at least one variant must be live (shadow: false)")
+        total = sum(v.weight for v in live)
+        if total != 100:
+            raise ValueError(f"the weights of live variants must sum to 100, got {total}")
+        if self.input_topic == self.output_topic:
+            raise ValueError("input_topic and output_topic must differ")
+        return self
+
+
+class VariantOut(BaseModel):
+    name: str
+    model: str
+    version: int
+    weight: int
+    shadow: bool
+    shadow_sample_pct: float | None
+
+
+class DeploymentSpecOut(BaseModel):
+    """A stored, normalized desired state (aliases already resolved to versions)."""
+
+    input_topic: str
+    output_topic: str
+    key_field: str
+    pool: str
+    description: str
+    variants: list[VariantOut]
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    status: Literal["running", "stopped"]
+    revision: int = Field(description="The current revision number")
+    spec: DeploymentSpecOut | None = Field(description="Current desired state; null when stopped")
+    salt: str = Field(description="Traffic-splitting salt scorers hash with the entity key")
+    created_at: datetime
+    updated_at: datetime = Field(description="When the current revision was made")
+    stopped_at: datetime | None
+
+
+class DeploymentApplied(DeploymentOut):
+    changed: bool = Field(
+        description="True when this call stored a new revision (201); false if unchanged (200)"
+    )
+
+
+class RevisionOut(BaseModel):
+    number: int
+    stopped: bool
+    spec: DeploymentSpecOut | None
+    spec_hash: str
+    reason: str
+    created_by: str
+    created_at: datetime
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    revision: int = Field(ge=1, le=MAX_VERSION, description="Revision whose spec to restore")
+    reason: Reason = ""

@@ -1,0 +1,323 @@
+"""Declarative deployments: validate a desired state, store immutable revisions, publish them.
+
+Every new revision is written with an outbox message in the same transaction, so it reaches the
+compacted deployments topic after commit even if Kafka is briefly down (the relay retries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaException
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from carrara.deployments.schemas import DeploymentPut
+from carrara.errors import Conflict, Invalid, NotFound, Unavailable
+from carrara.models import Deployment, DeploymentRevision
+from carrara.outbox.service import enqueue_kafka
+from carrara.pagination import PageParams, paginate
+from carrara.registry import service as registry
+from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, spec_to_dict
+from carrara.streams.topics import TopicAdmin
+
+TOPIC_CHECK_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Publishing:
+    """Where revisions go: the Kafka cluster (to check topics) and the deployments topic."""
+
+    kafka_bootstrap: str
+    deployments_topic: str
+
+
+@dataclass
+class Applied:
+    deployment: Deployment
+    revision: DeploymentRevision
+    changed: bool
+    before: dict[str, Any] | None
+
+
+def spec_hash(spec: dict[str, Any] | None) -> str:
+    """SHA-256 of the canonical JSON of a spec (sorted keys), so equal specs hash equal."""
+    return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def salt_for(deployment: Deployment) -> str:
+    """The deployment's traffic-splitting salt: stable for its lifetime, distinct per deployment.
+
+    Derived from the id as well as the name, so a deployment re-created under an old name (after
+    its rows were removed) does not silently reuse the old assignment of entities to variants.
+    """
+    return hashlib.sha256(f"{deployment.id}:{deployment.name}".encode()).hexdigest()[:16]
+
+
+def status_of(deployment: Deployment) -> str:
+    return "stopped" if deployment.stopped_at is not None else "running"
+
+
+def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
+    """The stored form of a desired state: aliases resolved, variants sorted by name.
+
+    Sorting makes a reordered but otherwise equal file the same revision. The `reason` is about
+    the change, not the state, so it is not part of the spec.
+    """
+    variants = []
+    for v in sorted(body.variants, key=lambda v: v.name):
+        variants.append(
+            {
+                "name": v.name,
+                "model": v.model,
+                "version": _resolve_version(session, v.name, v.model, v.version, v.alias),
+                "weight": v.weight,
+                "shadow": v.shadow,
+                "shadow_sample_pct": float(v.shadow_sample_pct or 100) if v.shadow else None,
+            }
+        )
+    return {
+        "input_topic": body.input_topic,
+        "output_topic": body.output_topic,
+        "key_field": body.key_field,
+        "pool": body.pool,
+        "description": body.description,
+        "variants": variants,
+    }
+
+
+def _resolve_version(
+    session: Session, variant: str, model: str, version: int | None, alias: str | None
+) -> int:
+    try:
+        if alias is not None:
+            return registry.resolve_alias(session, model, alias).version
+        assert version is not None  # the schema requires exactly one of version and alias
+        return registry.get_version(session, model, version).version
+    except NotFound as exc:
+        raise Invalid(f"variant '{variant}': {exc.detail}") from exc
+
+
+def check_topics(kafka_bootstrap: str, topics: list[str]) -> None:
+    """Invalid naming the topics Kafka does not have; Unavailable if Kafka does not answer."""
+    admin = TopicAdmin(kafka_bootstrap)
+    try:
+        missing = [t for t in topics if not admin.partitions(t, timeout=TOPIC_CHECK_TIMEOUT_S)]
+    except KafkaException as exc:
+        raise Unavailable(f"Kafka at {kafka_bootstrap} is unreachable: {exc}") from exc
+    if missing:
+        raise Invalid(f"Kafka topic(s) do not exist: {', '.join(missing)}", missing=missing)
+
+
+def _validate_live(session: Session, spec: dict[str, Any], publishing: Publishing) -> None:
+    """Check that what a spec references still exists (models in Carrara, topics in Kafka)."""
+    for v in spec["variants"]:
+        _resolve_version(session, v["name"], v["model"], v["version"], None)
+    check_topics(publishing.kafka_bootstrap, [spec["input_topic"], spec["output_topic"]])
+
+
+def _locked(session: Session, name: str) -> Deployment | None:
+    # Row lock: concurrent changes of one deployment are serialized, so revision numbers never
+    # collide; populate_existing refreshes an instance the session already holds.
+    return session.scalar(
+        select(Deployment)
+        .where(Deployment.name == name)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
+def _current(session: Session, deployment: Deployment) -> DeploymentRevision | None:
+    return session.scalar(
+        select(DeploymentRevision).where(
+            DeploymentRevision.deployment_id == deployment.id,
+            DeploymentRevision.number == deployment.current_revision,
+        )
+    )
+
+
+def get_deployment(session: Session, name: str) -> tuple[Deployment, DeploymentRevision]:
+    """A deployment and its current revision; NotFound if there is none of that name."""
+    deployment = session.scalar(select(Deployment).where(Deployment.name == name))
+    if deployment is None:
+        raise NotFound(f"deployment '{name}' does not exist")
+    current = _current(session, deployment)
+    if current is None:  # only inside the transaction that creates it
+        raise NotFound(f"deployment '{name}' has no revision yet")
+    return deployment, current
+
+
+def list_deployments(
+    session: Session,
+    params: PageParams,
+    status: str | None = None,
+    name_prefix: str | None = None,
+) -> tuple[list[tuple[Deployment, DeploymentRevision]], str | None]:
+    """Deployments newest first with their current revisions, filtered by status or name."""
+    stmt = select(Deployment).where(Deployment.current_revision > 0)
+    if status == "running":
+        stmt = stmt.where(Deployment.stopped_at.is_(None))
+    elif status == "stopped":
+        stmt = stmt.where(Deployment.stopped_at.is_not(None))
+    if name_prefix:
+        stmt = stmt.where(Deployment.name.startswith(name_prefix, autoescape=True))
+    items, cursor = paginate(session, stmt, Deployment.id, params)
+    revisions: dict[tuple[int, int], DeploymentRevision] = {}
+    if items:
+        rows = session.scalars(
+            select(DeploymentRevision).where(
+                DeploymentRevision.deployment_id.in_([d.id for d in items])
+            )
+        )
+        revisions = {(r.deployment_id, r.number): r for r in rows}
+    return [(d, revisions[(d.id, d.current_revision)]) for d in items], cursor
+
+
+def list_revisions(
+    session: Session, name: str, params: PageParams
+) -> tuple[list[DeploymentRevision], str | None]:
+    """The revision history of deployment `name`, newest first."""
+    deployment, _ = get_deployment(session, name)
+    stmt = select(DeploymentRevision).where(DeploymentRevision.deployment_id == deployment.id)
+    return paginate(session, stmt, DeploymentRevision.id, params)
+
+
+def _new_revision(
+    session: Session,
+    deployment: Deployment,
+    spec: dict[str, Any] | None,
+    reason: str,
+    actor: str,
+    publishing: Publishing,
+) -> DeploymentRevision:
+    now = datetime.now(UTC)
+    revision = DeploymentRevision(
+        deployment_id=deployment.id,
+        number=deployment.current_revision + 1,
+        spec=spec,
+        spec_hash=spec_hash(spec),
+        reason=reason,
+        created_by=actor,
+    )
+    session.add(revision)
+    deployment.current_revision = revision.number
+    deployment.stopped_at = now if spec is None else None
+    wire = wire_spec(deployment, revision.number, spec, now)
+    # Same transaction as the revision: published after commit, never lost, never early.
+    enqueue_kafka(session, publishing.deployments_topic, deployment.name, spec_to_dict(wire))
+    session.flush()
+    return revision
+
+
+def wire_spec(
+    deployment: Deployment, number: int, spec: dict[str, Any] | None, published_at: datetime
+) -> DeploymentSpec:
+    """The deployments-topic record of revision `number` (a stop record when `spec` is None)."""
+    common = {
+        "name": deployment.name,
+        "revision": number,
+        "salt": salt_for(deployment),
+        "published_at": published_at,
+    }
+    if spec is None:
+        return DeploymentSpec(**common, stopped=True)
+    return DeploymentSpec(
+        **common,
+        input_topic=spec["input_topic"],
+        output_topic=spec["output_topic"],
+        key_field=spec["key_field"],
+        pool=spec["pool"],
+        variants=tuple(
+            VariantSpec(
+                name=v["name"],
+                model_name=v["model"],
+                model_version=v["version"],
+                weight=v["weight"],
+                shadow=v["shadow"],
+                shadow_sample_pct=v["shadow_sample_pct"],
+            )
+            for v in spec["variants"]
+        ),
+    )
+
+
+def apply(
+    session: Session, name: str, body: DeploymentPut, actor: str, publishing: Publishing
+) -> Applied:
+    """Store `body` as the desired state of `name` if it differs from the current one.
+
+    Same spec as the current running revision: nothing is stored (`changed` is False). A stopped
+    deployment given a spec starts again with a new revision, even if the spec is its last one.
+    """
+    spec = normalize(session, body)
+    check_topics(publishing.kafka_bootstrap, [spec["input_topic"], spec["output_topic"]])
+    # ON CONFLICT DO NOTHING + row lock: two first PUTs of one name both succeed, one after
+    # the other, instead of one failing on the unique name.
+    session.execute(
+        insert(Deployment)
+        .values(name=name, current_revision=0)
+        .on_conflict_do_nothing(index_elements=[Deployment.name])
+    )
+    deployment = _locked(session, name)
+    assert deployment is not None  # inserted or already there, and locked
+    current = _current(session, deployment)
+    before = current.spec if current else None
+    if (
+        current is not None
+        and deployment.stopped_at is None
+        and current.spec_hash == spec_hash(spec)
+    ):
+        return Applied(deployment, current, changed=False, before=before)
+    revision = _new_revision(session, deployment, spec, body.reason, actor, publishing)
+    return Applied(deployment, revision, changed=True, before=before)
+
+
+def rollback(
+    session: Session, name: str, number: int, reason: str, actor: str, publishing: Publishing
+) -> Applied:
+    """A new revision whose spec is revision `number`'s; Conflict if that is the current spec."""
+    deployment = _locked(session, name)
+    if deployment is None or deployment.current_revision == 0:
+        raise NotFound(f"deployment '{name}' does not exist")
+    target = session.scalar(
+        select(DeploymentRevision).where(
+            DeploymentRevision.deployment_id == deployment.id,
+            DeploymentRevision.number == number,
+        )
+    )
+    if target is None:
+        raise NotFound(
+            f"deployment '{name}' has no revision {number} "
+            f"(revisions 1 to {deployment.current_revision})"
+        )
+    if target.spec is None:
+        raise Invalid(f"revision {number} of '{name}' is a stop; to stop it, DELETE the deployment")
+    current = _current(session, deployment)
+    assert current is not None
+    if current.spec_hash == target.spec_hash:
+        raise Conflict(f"deployment '{name}' already runs the spec of revision {number}")
+    # Models or topics may have gone since revision `number` was made.
+    _validate_live(session, target.spec, publishing)
+    text = f"rollback to revision {number}" + (f": {reason}" if reason else "")
+    revision = _new_revision(session, deployment, target.spec, text, actor, publishing)
+    return Applied(deployment, revision, changed=True, before=current.spec)
+
+
+def stop(session: Session, name: str, reason: str, actor: str, publishing: Publishing) -> Applied:
+    """Stop a deployment: a new revision without a spec; Conflict if it is already stopped."""
+    deployment = _locked(session, name)
+    if deployment is None or deployment.current_revision == 0:
+        raise NotFound(f"deployment '{name}' does not exist")
+    if deployment.stopped_at is not None:
+        raise Conflict(
+            f"deployment '{name}' is already stopped (since revision {deployment.current_revision})"
+        )
+    current = _current(session, deployment)
+    assert current is not None
+    revision = _new_revision(session, deployment, None, reason or "stopped", actor, publishing)
+    return Applied(deployment, revision, changed=True, before=current.spec)

@@ -1,0 +1,115 @@
+"""Pydantic I/O models of the models API: registered models, versions with lineage, aliases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field
+
+# MLflow allows more than slugs in model names; Carrara accepts the URL-safe subset.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# Lowercase, like every Carrara name; MLflow refuses "latest" and "v<digits>" (checked in service).
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,99}$"
+MAX_VERSION = 2**31 - 1  # model_versions.version is a Postgres integer
+
+ModelName = Annotated[
+    str,
+    Path(
+        pattern=MODEL_NAME_PATTERN,
+        max_length=200,
+        description="Registered model name (as in MLflow's registry)",
+    ),
+]
+AliasName = Annotated[
+    str,
+    Path(
+        pattern=ALIAS_PATTERN,
+        max_length=100,
+        description="Alias, e.g. `champion`; not `latest` nor `v<digits>` (MLflow reserves those)",
+    ),
+]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="Model version number")]
+
+
+class VersionRef(BaseModel):
+    """A version number of the model named in the URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=MAX_VERSION, description="Model version number")
+
+
+class DatasetLineage(BaseModel):
+    """The dataset snapshot a version was trained on: offsets pin exactly which events."""
+
+    dataset: str
+    version: int
+    topic: str
+    offsets: list[dict[str, int]]
+    event_count: int
+
+
+class RunLineage(BaseModel):
+    """The Carrara training run that produced a version."""
+
+    id: int
+    status: str
+    algorithm: str
+    params: dict[str, Any]
+    mlflow_run_id: str | None
+    mlflow_url: str | None
+    dataset: DatasetLineage
+
+
+class VersionOut(BaseModel):
+    """A model version as the platform sees it: lineage, metrics, aliases, MLflow source."""
+
+    model: str
+    version: int
+    mlflow_source: str
+    metrics: dict[str, Any]
+    aliases: list[str]
+    run: RunLineage | None = Field(
+        description="The training run behind it; null for versions imported from MLflow"
+    )
+    created_at: datetime
+
+
+class ModelSummary(BaseModel):
+    name: str
+    description: str
+    latest_version: int | None
+    version_count: int
+    aliases: dict[str, int] = Field(description="alias -> version")
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    description: str
+    aliases: dict[str, int] = Field(description="alias -> version")
+    versions: list[VersionOut]
+    created_at: datetime
+
+
+class AliasOut(BaseModel):
+    model: str
+    alias: str
+    version: int
+    previous_version: int | None = Field(
+        default=None, description="The version the alias pointed at before this call"
+    )
+
+
+class SyncOut(BaseModel):
+    """What a reconciliation with MLflow's registry changed."""
+
+    model: ModelOut
+    imported_versions: list[int]
+    aliases_set: dict[str, int]
+    aliases_removed: list[str]
+    aliases_skipped: list[str] = Field(
+        description="MLflow aliases Carrara cannot mirror (not lowercase slugs)"
+    )
