@@ -72,10 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             from carrara.db import engine_for
             from carrara.outbox.relay import BackgroundRelay, OutboxRelay
+            from carrara.training.reaper import reap_lost_runs
 
+            reap_every = max(1.0, settings.run_heartbeat_timeout_s / 4)
             relay = BackgroundRelay(
                 OutboxRelay(settings.kafka_bootstrap),
                 sessionmaker(bind=engine_for(settings.database_url)),
+                periodic=[(reap_every, lambda session: reap_lost_runs(session, settings))],
             )
             relay.start()
         try:

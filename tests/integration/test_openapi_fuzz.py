@@ -35,7 +35,10 @@ def fuzz_api(stack_settings: Settings) -> Iterator[LiveApi]:
         yield api
     # Topics the fuzzer created through the API (e.g. datasets with create_topic) are removed.
     created = set(admin._admin.list_topics(timeout=10).topics) - topics_before
-    admin.delete_topics(sorted(t for t in created if not t.startswith("__")))
+    # Names starting with "test-" belong to other tests (the `topic_name` fixture), never to it.
+    fuzz_topics = {t for t in created if not t.startswith(("__", "test-"))}
+    fuzz_topics |= created & {f"test-{RUN_ID}-fuzz-deployments"}
+    admin.delete_topics(sorted(fuzz_topics))
 
 
 def test_every_operation_conforms_and_never_errors(fuzz_api: LiveApi) -> None:

@@ -8,6 +8,7 @@ later ones with that key wait for the next round.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -128,9 +129,17 @@ class OutboxRelay:
 class BackgroundRelay:
     """Runs the relay in a thread of the API process: on every commit wake-up, else every second."""
 
-    def __init__(self, relay: OutboxRelay, session_factory: Callable[[], Session]) -> None:
+    def __init__(
+        self,
+        relay: OutboxRelay,
+        session_factory: Callable[[], Session],
+        periodic: list[tuple[float, Callable[[Session], int]]] | None = None,
+    ) -> None:
         self._relay = relay
         self._session_factory = session_factory
+        # Other control-plane chores run on the same thread, each every `interval` seconds
+        # (e.g. the training reaper); they write outbox rows the relay then delivers.
+        self._periodic = [(interval, job, [0.0]) for interval, job in periodic or []]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
 
@@ -147,6 +156,7 @@ class BackgroundRelay:
             _wakeup.wait(timeout=1.0)
             _wakeup.clear()
             try:
+                self._run_periodic()
                 with self._session_factory() as session, session.begin():
                     delivered = self._relay.run_once(session)
                 if delivered:
@@ -154,3 +164,14 @@ class BackgroundRelay:
             except Exception:
                 log.exception("outbox relay round failed; retrying")
                 self._stop.wait(2.0)
+
+    def _run_periodic(self) -> None:
+        now = time.monotonic()
+        for interval, job, last in self._periodic:
+            if now - last[0] < interval:
+                continue
+            last[0] = now
+            with self._session_factory() as session, session.begin():
+                if job(session):
+                    session.info["outbox_pending"] = True
+                    _wakeup.set()

@@ -87,6 +87,11 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    worker: str | None = Field(description="The worker holding the run (while it runs).")
+    attempts: int = Field(description="How many times a worker started the run.")
+    results: dict[str, Any] = Field(
+        description="Bad-event count and sample, rows used, ONNX export, AutoML leaderboard."
+    )
 
     @classmethod
     def from_run(cls, run: TrainingRun) -> RunOut:
@@ -120,4 +125,7 @@ class RunOut(BaseModel):
             started_at=run.started_at,
             finished_at=run.finished_at,
             heartbeat_at=run.heartbeat_at,
+            worker=run.worker,
+            attempts=run.attempts or 0,
+            results=run.results or {},
         )

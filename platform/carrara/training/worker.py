@@ -15,7 +15,12 @@ from carrara.settings import get_settings
 
 settings = get_settings()
 
-app = Celery("carrara", broker=settings.redis_url, backend=settings.redis_url)
+app = Celery(
+    "carrara",
+    broker=settings.redis_url,
+    backend=settings.redis_url,
+    include=["carrara.training.tasks"],
+)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -25,7 +30,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=3600,
-    task_default_queue="carrara",
+    task_default_queue=settings.training_queue,
     broker_transport_options={"visibility_timeout": 3600},
 )
 
