@@ -309,3 +309,68 @@ def test_a_worker_killed_mid_run_never_leaves_the_run_running(
     assert finished["status"] == "succeeded", finished["error"]
     assert finished["attempts"] == 2
     assert finished["error"] is None
+
+
+def test_the_example_ci_pipeline_runs_end_to_end(stack: TrainingStack, topic_name: str) -> None:
+    """examples/ci-pipeline.sh (shown in the README) against the real API, worker and MLflow."""
+    rng = np.random.default_rng(11)
+    events = []
+    for i in range(1500):
+        amount, velocity = float(rng.lognormal(3, 1)), float(rng.poisson(2))
+        merchant = str(rng.choice(["grocery", "travel", "online"]))
+        risk = 0.02 * amount + 0.8 * velocity + (2.0 if merchant == "online" else 0.0) - 6
+        fraud = int(rng.random() < 1 / (1 + np.exp(-risk)))
+        events.append(
+            {
+                "card_id": f"card-{i % 300}",
+                "ts": 1_700_000_000_000 + i,
+                "amount": amount,
+                "hour": int(rng.integers(0, 24)),
+                "velocity": velocity,
+                "merchant": merchant,
+                "fraud": fraud,
+            }
+        )
+    admin = TopicAdmin(stack.settings.kafka_bootstrap)
+    admin.create_topic(topic_name, partitions=3)
+    output_topic = f"{topic_name}-out"
+    admin.create_topic(output_topic, partitions=3)
+    try:
+        _produce(
+            stack.settings,
+            topic_name,
+            [orjson.dumps(e) for e in events],
+            [e["card_id"] for e in events],
+        )
+        suffix = uuid.uuid4().hex[:8]
+        result = subprocess.run(
+            [str(ROOT / "examples" / "ci-pipeline.sh")],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                **stack.api.env,
+                "CARRARA": str(Path(sys.executable).parent / "carrara"),
+                "DATASET": f"payments-{suffix}",
+                "TOPIC": topic_name,
+                "OUTPUT_TOPIC": output_topic,
+                "MODEL": f"payments-fraud-{suffix}",
+                "COLUMNS": "200",
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "AUC" in result.stdout
+        deployment = stack.call("GET", f"/deployments/payments-{suffix}-scoring").json()
+        assert deployment["status"] == "running"
+        (variant,) = deployment["spec"]["variants"]
+        assert variant["model"] == f"payments-fraud-{suffix}"
+        assert variant["version"] == 1
+        aliases = MlflowClient(stack.settings.mlflow_url).get_model_version_by_alias(
+            f"payments-fraud-{suffix}", "champion"
+        )
+        assert aliases.version == "1"
+    finally:
+        admin.delete_topics([output_topic])
