@@ -24,10 +24,10 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from carrara.settings import Settings
 from carrara.streams.client_config import producer_config
+from carrara.streams.event_codec import EventDecoder, fit_feature_spec
 from carrara.streams.replay import replay_config, replay_snapshot, snapshot_event_count
 from carrara.streams.snapshot import PartitionRange, SnapshotMode, snapshot_offsets
 from carrara.streams.topics import TopicAdmin
-from carrara.training.features import EventDecoder, fit_feature_spec
 from carrara.training.holdout import holdout_mask
 
 FEATURES = 20

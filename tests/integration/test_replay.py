@@ -14,10 +14,10 @@ from confluent_kafka.admin import AdminClient
 
 from carrara.settings import Settings
 from carrara.streams.client_config import admin_config, producer_config
+from carrara.streams.event_codec import decode_events, fit_feature_spec
 from carrara.streams.replay import ReplayBatch, ReplayError, ReplayTimeout, replay_snapshot
 from carrara.streams.snapshot import SnapshotMode, snapshot_offsets
 from carrara.streams.topics import TopicAdmin
-from carrara.training.features import decode_events, fit_feature_spec
 
 Record = tuple[int, int, bytes | None]  # partition, offset, value
 

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from carrara.training.features import (
+from carrara.streams.event_codec import (
     UNKNOWN_CODE,
     BadEvents,
     BadEventsError,

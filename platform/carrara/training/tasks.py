@@ -194,7 +194,7 @@ class Heartbeat:
 
 def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
     """Replay, decode, split, train, evaluate, export and log one run."""
-    from carrara.training.features import (
+    from carrara.streams.event_codec import (
         EventDecoder,
         FeatureError,
         check_bad_event_threshold,
