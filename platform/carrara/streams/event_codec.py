@@ -154,7 +154,11 @@ def _compile(schema: EventSchema, training: bool) -> _Compiled:
     _check_schema(schema)
     # Attribute names are generated (f0, f1...) and renamed to the JSON names, so any field name
     # works, including ones that are not Python identifiers or that clash with keywords.
-    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [("key", str | int)]
+    # Training needs every event's entity key (the holdout hashes it); a scorer splits keyless
+    # events by their offset instead, so there the key is optional (None when absent).
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+        ("key", str | int) if training else ("key", str | int | None, None)
+    ]
     rename = {"key": schema.key_field}
     label_attr = time_attr = None
     if training and schema.event_time_field:
@@ -233,7 +237,7 @@ class DecodedEvents:
     numeric: np.ndarray  # (rows, numeric features) float64, NaN = missing
     categories: dict[str, list[Any]]  # raw values per category feature (None = missing)
     labels: list[Any] | np.ndarray | None  # raw class values; float64 array for regression
-    keys: list[str]  # entity keys, as strings
+    keys: list[str]  # entity keys, as strings (None for a keyless event when not training)
     event_times: np.ndarray | None  # epoch milliseconds, float64
     partitions: np.ndarray  # int32
     offsets: np.ndarray  # int64
@@ -320,7 +324,10 @@ class EventDecoder:
         if times is not None:
             self._times.append(times)
         # str() returns a str key itself; integer keys become their decimal text.
-        self._keys.extend(map(str, map(c.key_getter, events)))
+        if self.training:
+            self._keys.extend(map(str, map(c.key_getter, events)))
+        else:
+            self._keys.extend(None if k is None else str(k) for k in map(c.key_getter, events))
         for name, getter in zip(c.categories, c.category_getters, strict=True):
             self._categories[name].extend(map(getter, events))
         if c.label_getter is not None:

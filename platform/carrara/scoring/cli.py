@@ -1,0 +1,65 @@
+"""`carrara-scorer --pool NAME`: a scorer process (one consumer-group member per deployment)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from typing import Annotated
+
+import structlog
+import typer
+
+from carrara.logging_setup import configure_logging
+from carrara.settings import Settings
+
+app = typer.Typer(add_completion=False)
+log = structlog.get_logger(__name__)
+
+
+@app.command()
+def main(
+    pool: Annotated[
+        str, typer.Option(help="Serve the deployments of this scorer pool.")
+    ] = "default",
+    instance_id: Annotated[
+        str | None, typer.Option(help="Stable id (e.g. the pod name); default: host name.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of /metrics, /healthz, /readyz.")
+    ] = None,
+) -> None:
+    """Score the events of every deployment in POOL until SIGTERM/SIGINT."""
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    from carrara.scoring.http import serve
+    from carrara.scoring.model_runtime import ModelCache
+    from carrara.scoring.reconciler import Reconciler
+
+    instance = instance_id or settings.scorer_instance_id or socket.gethostname()
+    reconciler = Reconciler(settings, pool, instance, ModelCache(settings.mlflow_url))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = serve(
+        metrics_port if metrics_port is not None else settings.scorer_metrics_port,
+        healthy=lambda: reconciler.alive,
+        readiness=reconciler.readiness,
+    )
+    log.info(
+        "scorer starting",
+        pool=pool,
+        instance=instance,
+        delivery=settings.scorer_delivery,
+        metrics_port=server.server_address[1],
+    )
+    reconciler.start()
+    stop.wait()
+    log.info("scorer stopping: finishing the batches in hand")
+    reconciler.stop()
+    server.shutdown()
+    log.info("scorer stopped")
+
+
+if __name__ == "__main__":
+    app()

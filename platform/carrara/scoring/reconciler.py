@@ -1,0 +1,313 @@
+"""Reconcile this scorer with the deployments topic: the control plane pushes, scorers converge.
+
+On start the whole compacted topic is read up to its end, keeping the latest revision of each
+deployment; only then are models loaded (older revisions are never loaded for nothing). After
+that every new record is applied as it arrives. For a revision of a deployment in our pool:
+load every variant's model version (cached by version), validate it, build the serving state and
+hand it to the deployment's runner, which switches between two micro-batches. If any variant fails
+to load or validate, the revision is reported failed and the previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+from carrara.scoring import metrics
+from carrara.scoring.batch import build_state
+from carrara.scoring.runner import DeploymentRunner, dead_letter_topic
+from carrara.settings import Settings
+from carrara.streams.client_config import producer_config
+from carrara.streams.deployment_spec import DeploymentSpec, decode_spec
+from carrara.streams.event_codec import FeatureSpec
+from carrara.streams.scorer_status import (
+    STATUS_TOPIC,
+    DeploymentStatus,
+    ScorerStatus,
+    encode_status,
+)
+from carrara.streams.topics import TopicAdmin
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Tracked:
+    """What the scorer knows about one deployment."""
+
+    desired: DeploymentSpec
+    state: str = "loading"  # loading | serving | failed | stopped
+    last_error: str | None = None
+    runner: DeploymentRunner | None = None
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, pool: str, instance_id: str, cache: Any) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.instance_id = instance_id
+        self.cache = cache
+        self.tracked: dict[str, Tracked] = {}
+        self.caught_up = threading.Event()
+        self.stop_event = threading.Event()
+        self.started_at = datetime.now(UTC)
+        self._admin = TopicAdmin(settings.kafka_bootstrap)
+        self._status_producer = Producer(producer_config(settings.kafka_bootstrap))
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._last_status = 0.0
+        self._status_topic = getattr(settings, "scorer_status_topic", STATUS_TOPIC)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop reconciling, let every runner finish and commit its batch, say goodbye."""
+        self.stop_event.set()
+        self._thread.join(30)
+        for tracked in self.tracked.values():
+            if tracked.runner is not None:
+                tracked.runner.stop()
+        self._publish_status(stopping=True)
+        self._status_producer.produce(self._status_topic, key=self.instance_id, value=None)
+        self._status_producer.flush(10)
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready once caught up with the topic and every deployment of the pool is serving."""
+        states = {name: t.state for name, t in self.tracked.items()}
+        ready = self.caught_up.is_set() and all(
+            s in ("serving", "stopped") for s in states.values()
+        )
+        return ready, {"caught_up": self.caught_up.is_set(), "deployments": states}
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _consumer(self) -> tuple[Consumer, dict[int, int]]:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": f"carrara-scorer-reconciler-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+            }
+        )
+        topic = self.settings.deployments_topic
+        self._admin.ensure_compacted_topic(topic)
+        partitions = self._admin.partitions(topic)
+        ends = {}
+        for p in partitions:
+            ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        return consumer, ends
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self._follow()
+            except Exception:  # Kafka unreachable at start, etc.: retry, keep serving
+                log.exception("reconciler error; retrying")
+                self.stop_event.wait(2)
+
+    def _follow(self) -> None:
+        consumer, ends = self._consumer()
+        try:
+            latest: dict[str, DeploymentSpec] = {}
+            pending = {p for p, end in ends.items() if end > 0}
+            while pending and not self.stop_event.is_set():
+                for message in consumer.consume(500, timeout=0.5):
+                    if message.error() is not None:
+                        continue
+                    spec = _decode(message.value())
+                    if spec is not None:
+                        latest[spec.name] = spec
+                    if message.offset() + 1 >= ends.get(message.partition(), 0):
+                        pending.discard(message.partition())
+            for spec in latest.values():
+                self.apply(spec)
+            self.caught_up.set()
+            self._publish_status()
+            while not self.stop_event.is_set():
+                for message in consumer.consume(100, timeout=0.5):
+                    if message.error() is None:
+                        spec = _decode(message.value())
+                        if spec is not None:
+                            self.apply(spec)
+                            self._publish_status()
+                self._check_runners()
+                if time.monotonic() - self._last_status > self.settings.scorer_status_interval_s:
+                    self._publish_status()
+        finally:
+            consumer.close()
+
+    # --- applying a revision -------------------------------------------------------------------
+
+    def apply(self, spec: DeploymentSpec) -> None:
+        tracked = self.tracked.get(spec.name)
+        ours = not spec.stopped and spec.pool == self.pool
+        if not ours:
+            if tracked is not None:
+                self._stop_runner(tracked)
+                tracked.desired = spec
+                tracked.state = "stopped"
+                tracked.last_error = None
+            return
+        if (
+            tracked is not None
+            and tracked.runner is not None
+            and tracked.runner.served_revision >= spec.revision
+            and tracked.state == "serving"
+        ):
+            return
+        if tracked is None:
+            tracked = self.tracked[spec.name] = Tracked(desired=spec)
+        tracked.desired = spec
+        if tracked.state != "serving":
+            tracked.state = "loading"
+        try:
+            state = self._build(spec)
+        except Exception as exc:
+            tracked.last_error = f"revision {spec.revision}: {type(exc).__name__}: {exc}"[:1000]
+            tracked.state = "failed" if tracked.runner is None else "serving"
+            log.error(
+                "revision rejected; the previous one keeps serving",
+                deployment=spec.name,
+                revision=spec.revision,
+                error=tracked.last_error,
+            )
+            return
+        runner = tracked.runner
+        if runner is not None and runner.alive and runner.input_topic == spec.input_topic:
+            runner.swap(state)
+        else:
+            if runner is not None:
+                runner.stop()
+            self._ensure_dead_letter_topic(spec)
+            tracked.runner = DeploymentRunner(state, self.settings, self.instance_id)
+            tracked.runner.start()
+        tracked.state = "serving"
+        tracked.last_error = None
+        self._retain_models()
+        log.info("revision applied", deployment=spec.name, revision=spec.revision)
+
+    def _build(self, spec: DeploymentSpec) -> Any:
+        models: dict[str, Any] = {}
+        specs: dict[str, FeatureSpec] = {}
+        for variant in spec.variants:
+            model = self.cache.get(variant.model_name, variant.model_version)
+            if model.feature_spec is None:
+                raise ValueError(
+                    f"{variant.model_name}/{variant.model_version} has no Carrara feature spec; "
+                    "only models trained by Carrara can score events"
+                )
+            models[variant.name] = model
+            specs[variant.name] = FeatureSpec.from_dict(model.feature_spec)
+            metrics.MODEL_LOAD_SECONDS.labels(
+                variant.model_name, str(variant.model_version), model.runtime
+            ).set(model.load_seconds)
+        assert spec.input_topic is not None
+        return build_state(
+            spec,
+            models,
+            specs,
+            dead_letter_topic=dead_letter_topic(spec.input_topic),
+            max_event_bytes=self.settings.scorer_max_event_bytes,
+        )
+
+    def _ensure_dead_letter_topic(self, spec: DeploymentSpec) -> None:
+        assert spec.input_topic is not None
+        partitions = max(1, len(self._admin.partitions(spec.input_topic)))
+        self._admin.create_topic(dead_letter_topic(spec.input_topic), partitions, exist_ok=True)
+
+    def _stop_runner(self, tracked: Tracked) -> None:
+        if tracked.runner is not None:
+            tracked.runner.stop()
+            tracked.runner = None
+
+    def _retain_models(self) -> None:
+        keep = {
+            (v.model_name, v.model_version)
+            for t in self.tracked.values()
+            if t.runner is not None
+            for v in t.runner.state.deployment.variants
+        }
+        for t in self.tracked.values():
+            if t.runner is not None:
+                keep |= {(v.model_name, v.model_version) for v in t.desired.variants}
+        self.cache.retain(keep)
+
+    def _check_runners(self) -> None:
+        for tracked in self.tracked.values():
+            runner = tracked.runner
+            if runner is not None and not runner.alive and not runner.stop_event.is_set():
+                tracked.state = "failed"
+                tracked.last_error = runner.error or "the scoring loop stopped"
+                tracked.runner = None
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self, stopping: bool = False) -> ScorerStatus:
+        deployments = []
+        for name, t in sorted(self.tracked.items()):
+            runner = t.runner
+            deployments.append(
+                DeploymentStatus(
+                    name=name,
+                    served_revision=runner.served_revision if runner else None,
+                    desired_revision=t.desired.revision,
+                    state=t.state,  # type: ignore[arg-type]
+                    loaded_versions=tuple(
+                        f"{v.model_name}/{v.model_version}"
+                        for v in runner.state.deployment.variants
+                    )
+                    if runner
+                    else (),
+                    last_error=t.last_error,
+                    events_scored=runner.events_scored if runner else 0,
+                    dead_letters=runner.dead_letters if runner else 0,
+                )
+            )
+        return ScorerStatus(
+            instance_id=self.instance_id,
+            pool=self.pool,
+            host=socket.gethostname(),
+            started_at=self.started_at,
+            updated_at=datetime.now(UTC),
+            interval_s=self.settings.scorer_status_interval_s,
+            deployments=tuple(deployments),
+            stopping=stopping,
+        )
+
+    def _publish_status(self, stopping: bool = False) -> None:
+        self._last_status = time.monotonic()
+        try:
+            self._status_producer.produce(
+                self._status_topic, key=self.instance_id, value=encode_status(self.status(stopping))
+            )
+            self._status_producer.poll(0)
+        except (KafkaException, BufferError):
+            log.warning("could not publish status")
+
+
+def _decode(raw: bytes | None) -> DeploymentSpec | None:
+    if raw is None:
+        return None
+    try:
+        return decode_spec(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("skipping a malformed deployment record", error=str(exc))
+        return None
