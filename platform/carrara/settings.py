@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # The API process relays committed outbox messages (deployment revisions, training tasks).
     outbox_relay_enabled: bool = True
     deployments_topic: str = "carrara.deployments"
+    # Compacted topic scorers publish their status to (keyed by instance id); the API consumes it.
+    scorer_status_topic: str = "carrara.scorer-status"
     # Celery queue training tasks are sent to (and workers consume).
     training_queue: str = "carrara"
     # A running run whose worker has not written a heartbeat for this long is considered lost:
@@ -61,6 +63,15 @@ class Settings(BaseSettings):
     run_heartbeat_interval_s: float = 5.0
     run_heartbeat_timeout_s: float = 60.0
     training_max_attempts: int = 3
+
+    # The streaming scorer (`carrara-scorer`).
+    scorer_instance_id: str = ""  # default: the host name (stable pod names give static membership)
+    scorer_delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    scorer_batch_size: int = Field(1000, ge=1, le=100_000)
+    scorer_batch_ms: int = Field(20, ge=1, le=60_000)
+    scorer_max_event_bytes: int = Field(1_000_000, ge=1)
+    scorer_metrics_port: int = 9400
+    scorer_status_interval_s: float = 10.0
 
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""

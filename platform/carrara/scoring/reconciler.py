@@ -30,7 +30,6 @@ from carrara.streams.client_config import producer_config
 from carrara.streams.deployment_spec import DeploymentSpec, decode_spec
 from carrara.streams.event_codec import FeatureSpec
 from carrara.streams.scorer_status import (
-    STATUS_TOPIC,
     DeploymentStatus,
     ScorerStatus,
     encode_status,
@@ -64,7 +63,7 @@ class Reconciler:
         self._status_producer = Producer(producer_config(settings.kafka_bootstrap))
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._last_status = 0.0
-        self._status_topic = getattr(settings, "scorer_status_topic", STATUS_TOPIC)
+        self._status_topic = settings.scorer_status_topic
 
     # --- lifecycle --------------------------------------------------------------------------
 
