@@ -19,12 +19,21 @@ import time
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from carrara.scoring import metrics
 from carrara.scoring.batch import BatchResult, InputEvent, ServingState, score_batch
 from carrara.settings import Settings
-from carrara.streams.client_config import consumer_config, producer_config
+from carrara.streams.client_config import admin_config, consumer_config, producer_config
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +118,7 @@ class DeploymentRunner:
         try:
             if self.exactly_once:
                 producer.init_transactions(30)
-            consumer.subscribe([self.input_topic])
+            consumer.subscribe([self.input_topic], on_assign=self._on_assign)
             last_lag = 0.0
             while not self.stop_event.is_set():
                 batch = self._collect(consumer)
@@ -124,6 +133,46 @@ class DeploymentRunner:
         finally:
             producer.flush(10)
             consumer.close()  # leaves the group now, so partitions move without waiting
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions this deployment never committed start at the deployment's publication.
+
+        A new deployment scores the events produced since it was deployed: not the topic's whole
+        history (`earliest`), and not only what arrives after the scorer joins (`latest`, which
+        would skip the events produced in between).
+        """
+        try:
+            committed = consumer.committed(partitions, timeout=10)
+            fresh = [tp for tp in committed if tp.offset < 0]
+            if fresh:
+                since_ms = int(self._state.deployment.published_at.timestamp() * 1000)
+                start = self._offsets_since(fresh, since_ms)
+                for tp in partitions:
+                    offset = start.get((tp.topic, tp.partition))
+                    if offset is not None:
+                        # No event at or after that time yet: start at the end.
+                        tp.offset = offset if offset >= 0 else OFFSET_END
+        except KafkaException as exc:
+            log.warning("could not position new partitions; using earliest", error=str(exc))
+        # The consumer uses the cooperative-sticky protocol (client_config): assign incrementally.
+        consumer.incremental_assign(partitions)
+
+    def _offsets_since(
+        self, partitions: list[TopicPartition], since_ms: int
+    ) -> dict[tuple[str, int], int]:
+        """First offset at or after `since_ms` per partition (-1: none yet), via the admin API."""
+        admin = AdminClient(admin_config(self.settings.kafka_bootstrap))
+        futures = admin.list_offsets(
+            {
+                TopicPartition(tp.topic, tp.partition): OffsetSpec.for_timestamp(since_ms)
+                for tp in partitions
+            },
+            request_timeout=10,
+        )
+        return {
+            (tp.topic, tp.partition): future.result(timeout=15).offset
+            for tp, future in futures.items()
+        }
 
     def _collect(self, consumer: Consumer) -> list[Message]:
         """Up to `scorer_batch_size` messages, or what arrived within `scorer_batch_ms`."""
