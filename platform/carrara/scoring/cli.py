@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -30,6 +31,11 @@ def main(
     ] = None,
 ) -> None:
     """Score the events of every deployment in POOL until SIGTERM/SIGINT."""
+    # One scoring thread per deployment: native libraries must not each grab every core (OpenMP),
+    # and a model load must fail within seconds when MLflow is down, not after minutes of retries.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     from carrara.scoring.http import serve
