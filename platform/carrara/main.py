@@ -14,6 +14,7 @@ from carrara.audit.router import router as audit_router
 from carrara.auth.router import router as tokens_router
 from carrara.datasets.router import router as datasets_router
 from carrara.deployments.router import router as deployments_router
+from carrara.deployments.router import scorers_router
 from carrara.errors import API_ERROR_RESPONSES, install_error_handlers
 from carrara.health.router import router as health_router
 from carrara.logging_setup import configure_logging
@@ -33,6 +34,7 @@ def build_api_router() -> APIRouter:
         runs_router,
         models_router,
         deployments_router,
+        scorers_router,
         tokens_router,
         audit_router,
     ):
@@ -40,23 +42,28 @@ def build_api_router() -> APIRouter:
     return api
 
 
-async def ensure_deployments_topic(settings: Settings) -> None:
-    """Create the compacted deployments topic if needed; a Kafka outage only logs a warning."""
+async def ensure_compacted_topic(settings: Settings, topic: str) -> None:
+    """Create compacted `topic` if needed; a Kafka outage only logs a warning."""
 
     def _ensure() -> None:
-        TopicAdmin(settings.kafka_bootstrap).ensure_compacted_topic(
-            settings.deployments_topic, timeout=10.0
-        )
+        TopicAdmin(settings.kafka_bootstrap).ensure_compacted_topic(topic, timeout=10.0)
 
     try:
         await asyncio.to_thread(_ensure)
     except Exception as exc:
-        # The API must start without Kafka; until the topic exists, revisions wait in the outbox.
-        log.warning(
-            "cannot ensure the deployments topic",
-            topic=settings.deployments_topic,
-            error=str(exc),
-        )
+        # The API must start without Kafka; until the deployments topic exists, revisions wait in
+        # the outbox, and the status consumer waits for its topic.
+        log.warning("cannot ensure a compacted topic", topic=topic, error=str(exc))
+
+
+async def ensure_deployments_topic(settings: Settings) -> None:
+    """Create the compacted deployments topic if needed; a Kafka outage only logs a warning."""
+    await ensure_compacted_topic(settings, settings.deployments_topic)
+
+
+async def ensure_scorer_status_topic(settings: Settings) -> None:
+    """Create the compacted scorer-status topic if needed; a Kafka outage only logs a warning."""
+    await ensure_compacted_topic(settings, settings.scorer_status_topic)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,24 +73,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         relay = None
+        status_consumer = None
         if settings.outbox_relay_enabled:
             await ensure_deployments_topic(settings)
+            await ensure_scorer_status_topic(settings)
             from sqlalchemy.orm import sessionmaker
 
             from carrara.db import engine_for
+            from carrara.deployments.status_consumer import StatusConsumer
             from carrara.outbox.relay import BackgroundRelay, OutboxRelay
             from carrara.training.reaper import reap_lost_runs
 
+            sessions = sessionmaker(bind=engine_for(settings.database_url))
             reap_every = max(1.0, settings.run_heartbeat_timeout_s / 4)
             relay = BackgroundRelay(
                 OutboxRelay(settings.kafka_bootstrap),
-                sessionmaker(bind=engine_for(settings.database_url)),
+                sessions,
                 periodic=[(reap_every, lambda session: reap_lost_runs(session, settings))],
             )
             relay.start()
+            status_consumer = StatusConsumer(
+                settings.kafka_bootstrap, settings.scorer_status_topic, sessions
+            )
+            status_consumer.start()
         try:
             yield
         finally:
+            if status_consumer is not None:
+                status_consumer.stop()
             if relay is not None:
                 relay.stop()
 

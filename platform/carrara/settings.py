@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     scorer_max_event_bytes: int = Field(1_000_000, ge=1)
     scorer_metrics_port: int = 9400
     scorer_status_interval_s: float = 10.0
+    # Static group membership (group.instance.id = instance id) keeps partitions through a quick
+    # restart, but a static member does not leave the group on shutdown: enable it only where
+    # instance ids are stable (a StatefulSet), never with pods that get new names.
+    scorer_static_membership: bool = False
+    scorer_session_timeout_ms: int = Field(10_000, ge=6_000, le=300_000)
 
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""

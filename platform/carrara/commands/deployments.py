@@ -49,6 +49,26 @@ def _print_deployment(deployment: dict[str, Any]) -> None:
     console.print(_variants_table(spec))
 
 
+def _print_rollout(rollout: dict[str, Any]) -> None:
+    done = rollout["total"] > 0 and rollout["up_to_date"] == rollout["total"]
+    colour = "green" if done else "yellow"
+    console.print(f"rollout: [{colour}]{rollout['summary']}[/{colour}]")
+    if not rollout["scorers"]:
+        return
+    table = Table("scorer", "host", "served revision", "state", "live", "last error")
+    for s in rollout["scorers"]:
+        served = s["served_revision"]
+        table.add_row(
+            s["instance_id"],
+            s["host"],
+            "" if served is None else str(served),
+            s["state"],
+            "yes" if s["live"] else f"no (seen {s['seen_at']})",
+            s["last_error"] or "",
+        )
+    console.print(table)
+
+
 def _print_applied(result: dict[str, Any], verb: str) -> None:
     console.print(f"deployment {result['name']}: revision {result['revision']} ({verb})")
 
@@ -118,12 +138,13 @@ def list_(
 
 @app.command("show")
 def show(name: str, as_json: JsonOpt = False) -> None:
-    """Show the current revision of a deployment and whether it runs."""
+    """Show the current revision of a deployment, whether it runs, and its rollout to scorers."""
     deployment = ApiClient().get(_path(name))
     if as_json:
         print_json(deployment)
         return
     _print_deployment(deployment)
+    _print_rollout(deployment["rollout"])
 
 
 @app.command("history")

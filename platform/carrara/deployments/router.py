@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response, status
@@ -10,19 +11,26 @@ from carrara.auth.dependencies import Editor, SessionDep, Viewer
 from carrara.auth.service import Principal
 from carrara.deployments import service
 from carrara.deployments.schemas import (
+    NAME_PATTERN,
     DeploymentApplied,
+    DeploymentDetail,
     DeploymentName,
     DeploymentOut,
     DeploymentPut,
     DeploymentSpecOut,
     RevisionOut,
     RollbackIn,
+    RolloutOut,
+    RolloutScorerOut,
+    ScorerDeploymentOut,
+    ScorerOut,
 )
-from carrara.models import Deployment, DeploymentRevision
+from carrara.models import Deployment, DeploymentRevision, ScorerInstance
 from carrara.pagination import Page, PageParams, page_params
 from carrara.settings import Settings, get_settings
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
+scorers_router = APIRouter(prefix="/scorers", tags=["scorers"])
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
@@ -52,6 +60,46 @@ def _revision_out(row: DeploymentRevision) -> RevisionOut:
         reason=row.reason,
         created_by=row.created_by,
         created_at=row.created_at,
+    )
+
+
+def _rollout_out(rollout: service.Rollout) -> RolloutOut:
+    return RolloutOut(
+        desired_revision=rollout.desired_revision,
+        scorers=[
+            RolloutScorerOut(
+                instance_id=s.instance.instance_id,
+                pool=s.instance.pool,
+                host=s.instance.host,
+                served_revision=s.status.get("served_revision"),
+                state=s.status.get("state", ""),
+                loaded_versions=s.status.get("loaded_versions", []),
+                last_error=s.status.get("last_error"),
+                events_scored=s.status.get("events_scored", 0),
+                dead_letters=s.status.get("dead_letters", 0),
+                seen_at=s.instance.seen_at,
+                live=s.live,
+            )
+            for s in rollout.scorers
+        ],
+        up_to_date=rollout.up_to_date,
+        total=rollout.total,
+        summary=rollout.summary,
+    )
+
+
+def _scorer_out(instance: ScorerInstance, now: datetime) -> ScorerOut:
+    return ScorerOut(
+        instance_id=instance.instance_id,
+        pool=instance.pool,
+        host=instance.host,
+        started_at=instance.started_at,
+        updated_at=instance.updated_at,
+        seen_at=instance.seen_at,
+        interval_s=instance.interval_s,
+        stopping=instance.stopping,
+        live=service.is_live(instance, now),
+        deployments=[ScorerDeploymentOut.model_validate(d) for d in instance.deployments],
     )
 
 
@@ -116,10 +164,12 @@ def apply_deployment(
     return _applied_out(session, applied)
 
 
-@router.get("/{name}", response_model=DeploymentOut)
-def get_deployment(name: DeploymentName, session: SessionDep, _: Viewer) -> DeploymentOut:
-    """The current revision's spec and whether the deployment is running or stopped."""
-    return _out(*service.get_deployment(session, name))
+@router.get("/{name}", response_model=DeploymentDetail)
+def get_deployment(name: DeploymentName, session: SessionDep, _: Viewer) -> DeploymentDetail:
+    """The current revision's spec, whether it runs, and its rollout to the scorers."""
+    deployment, current = service.get_deployment(session, name)
+    rollout = service.rollout(session, deployment, current)
+    return DeploymentDetail(**_out(deployment, current).model_dump(), rollout=_rollout_out(rollout))
 
 
 @router.get("/{name}/revisions", response_model=Page[RevisionOut])
@@ -162,3 +212,16 @@ def stop_deployment(
     applied = service.stop(session, name, reason, principal.name, _publishing(settings))
     _audit(session, principal, "deployment.stop", applied)
     return _applied_out(session, applied)
+
+
+@scorers_router.get("", response_model=list[ScorerOut])
+def list_scorers(
+    session: SessionDep,
+    _: Viewer,
+    pool: Annotated[
+        str | None, Query(pattern=NAME_PATTERN, max_length=100, description="Only this pool")
+    ] = None,
+) -> list[ScorerOut]:
+    """Every scorer instance known from the status topic, live or stale, by pool and id."""
+    now = datetime.now(UTC)
+    return [_scorer_out(i, now) for i in service.list_scorers(session, pool)]

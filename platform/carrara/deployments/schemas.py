@@ -160,3 +160,59 @@ class RollbackIn(BaseModel):
 
     revision: int = Field(ge=1, le=MAX_VERSION, description="Revision whose spec to restore")
     reason: Reason = ""
+
+
+class RolloutScorerOut(BaseModel):
+    """What one scorer instance of the pool reports for this deployment."""
+
+    instance_id: str
+    pool: str
+    host: str
+    served_revision: int | None = Field(description="Revision whose models it serves")
+    state: str = Field(description="loading, serving, failed or stopped")
+    loaded_versions: list[str] = Field(description="Model versions in its cache, `model/version`")
+    last_error: str | None
+    events_scored: int
+    dead_letters: int
+    seen_at: datetime = Field(description="When the control plane last heard from it")
+    live: bool = Field(description="Heard from within 3 status intervals and not shutting down")
+
+
+class RolloutOut(BaseModel):
+    """How far the current revision has reached the scorers, from their status records."""
+
+    desired_revision: int = Field(description="The deployment's current revision")
+    scorers: list[RolloutScorerOut]
+    up_to_date: int = Field(description="Live scorers serving the desired revision")
+    total: int = Field(description="Live scorers of the pool that report this deployment")
+    summary: str = Field(examples=["3/3 scorers on revision 7"])
+
+
+class DeploymentDetail(DeploymentOut):
+    rollout: RolloutOut
+
+
+class ScorerDeploymentOut(BaseModel):
+    name: str
+    served_revision: int | None
+    desired_revision: int = Field(description="The latest revision the scorer has seen")
+    state: str
+    loaded_versions: list[str]
+    last_error: str | None
+    events_scored: int
+    dead_letters: int
+
+
+class ScorerOut(BaseModel):
+    """A scorer instance, as its latest status record describes it."""
+
+    instance_id: str
+    pool: str
+    host: str
+    started_at: datetime
+    updated_at: datetime = Field(description="When the scorer wrote its latest status (its clock)")
+    seen_at: datetime = Field(description="When the control plane received it")
+    interval_s: float = Field(description="How often the scorer publishes its status")
+    stopping: bool
+    live: bool = Field(description="Heard from within 3 status intervals and not shutting down")
+    deployments: list[ScorerDeploymentOut]

@@ -6,6 +6,7 @@ from carrara.models.datasets import Dataset, DatasetVersion
 from carrara.models.deployments import Deployment, DeploymentRevision
 from carrara.models.outbox import OutboxMessage
 from carrara.models.registry import ModelAlias, ModelVersion, RegisteredModel
+from carrara.models.scorers import ScorerInstance
 from carrara.models.training import TrainingRun
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "ModelVersion",
     "OutboxMessage",
     "RegisteredModel",
+    "ScorerInstance",
     "TrainingRun",
 ]

@@ -97,13 +97,15 @@ class DeploymentRunner:
     def _consumer(self) -> Consumer:
         s = self.settings
         config: dict[str, Any] = {
-            # Static membership: a restarted pod (same instance id) gets its partitions back
-            # without a rebalance of the whole group.
-            "group.instance.id": f"{self.instance_id}.{self.name}"[:249],
-            "session.timeout.ms": 45_000,
+            # A killed scorer's partitions move to the others after this long.
+            "session.timeout.ms": s.scorer_session_timeout_ms,
+            "heartbeat.interval.ms": max(1000, s.scorer_session_timeout_ms // 5),
             "fetch.min.bytes": 1,
             "fetch.wait.max.ms": s.scorer_batch_ms,
         }
+        if s.scorer_static_membership:
+            # A restarted instance (same id) gets its partitions back without a rebalance.
+            config["group.instance.id"] = f"{self.instance_id}.{self.name}"[:249]
         return Consumer(consumer_config(s.kafka_bootstrap, group_id(self.name), **config))
 
     def _producer(self) -> Producer:
