@@ -405,3 +405,30 @@ def _status_of(scoring: ScoringEnv, instance: str, deployment: str) -> Any:
     if latest is None:
         return None
     return next((d for d in latest.deployments if d.name == deployment), None)
+
+
+def test_at_least_once_mode_answers_every_event_after_a_kill(scoring: ScoringEnv) -> None:
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    name = f"alo-{uuid.uuid4().hex[:6]}"
+    scoring.publish(_variants(scoring.model, scoring.versions, 50, 50), pool, name=name)
+    scoring.start_scorer("scorer-alo", pool, delivery="at_least_once")
+    scoring.wait_ready("scorer-alo")
+    stream = [orjson.dumps(_event(400_000 + i)) for i in range(6000)]
+    keys = [f"card-{400_000 + i}".encode() for i in range(6000)]
+    producer = threading.Thread(target=scoring.produce, args=(stream, keys))
+    producer.start()
+    time.sleep(0.5)
+    scoring.stop_scorer("scorer-alo", signal.SIGKILL)
+    producer.join()
+    scoring.start_scorer("scorer-alo", pool, delivery="at_least_once")
+    deadline = time.monotonic() + 180
+    while True:
+        outputs = [
+            decode_prediction(m.value())
+            for m in scoring.read(scoring.topics["output"], 0, timeout=1)
+        ]
+        answered = {(p.partition, p.offset) for p in outputs if p.deployment == name}
+        if len(answered) >= 6000 or time.monotonic() > deadline:
+            break
+    assert len(answered) == 6000  # every input offset answered, possibly more than once
+    scoring.stop_scorer("scorer-alo")
