@@ -4,12 +4,22 @@ from carrara.models.auth import ApiToken, AuditEvent
 from carrara.models.base import Base
 from carrara.models.datasets import Dataset, DatasetVersion
 from carrara.models.deployments import Deployment, DeploymentRevision
+from carrara.models.monitoring import (
+    Alert,
+    FeatureDrift,
+    JoinedOutcome,
+    MonitorOffset,
+    OutcomeStats,
+    PendingPrediction,
+    VariantMetrics,
+)
 from carrara.models.outbox import OutboxMessage
 from carrara.models.registry import ModelAlias, ModelVersion, RegisteredModel
 from carrara.models.scorers import ScorerInstance
 from carrara.models.training import TrainingRun
 
 __all__ = [
+    "Alert",
     "ApiToken",
     "AuditEvent",
     "Base",
@@ -17,10 +27,16 @@ __all__ = [
     "DatasetVersion",
     "Deployment",
     "DeploymentRevision",
+    "FeatureDrift",
+    "JoinedOutcome",
     "ModelAlias",
     "ModelVersion",
+    "MonitorOffset",
     "OutboxMessage",
+    "OutcomeStats",
+    "PendingPrediction",
     "RegisteredModel",
     "ScorerInstance",
     "TrainingRun",
+    "VariantMetrics",
 ]

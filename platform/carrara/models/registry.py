@@ -38,6 +38,8 @@ class ModelVersion(TimestampMixin, Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
     mlflow_source: Mapped[str] = mapped_column(String(500), default="")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # The training data's distribution per feature (bins and shares), for drift monitoring.
+    feature_profile: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     registered_model: Mapped[RegisteredModel] = relationship(back_populates="versions")
 

@@ -1,0 +1,145 @@
+"""Monitoring state: time-bucketed aggregates per deployment variant, the outcome join, drift
+counts, alerts, and the monitor's own consumer offsets (committed with the aggregates they count).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from carrara.models.base import Base
+
+# Fixed histogram edges, so buckets from any monitor process add up.
+SCORE_BINS = 20  # equal-width bins over [0, 1]; scores outside are clipped into the end bins
+LATENCY_EDGES_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # + one overflow bin
+
+
+class VariantMetrics(Base):
+    """Per deployment, variant and minute: what was scored and how it did (no row per event)."""
+
+    __tablename__ = "variant_metrics"
+
+    deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    dead_letters: Mapped[int] = mapped_column(BigInteger, default=0)
+    score_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    # Counts per bin: SCORE_BINS bins over [0, 1]; len(LATENCY_EDGES_MS) + 1 latency bins.
+    score_histogram: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    latency_histogram: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    # Outcomes joined to this variant's predictions in this bucket (by prediction time).
+    outcomes: Mapped[int] = mapped_column(BigInteger, default=0)
+    correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    log_loss_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    squared_error_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    absolute_error_sum: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class PendingPrediction(Base):
+    """A served or shadow prediction waiting for its outcome (the join's durable state)."""
+
+    __tablename__ = "pending_predictions"
+    __table_args__ = (
+        Index("ix_pending_predictions_key", "deployment", "entity_key", "predicted_at"),
+        Index("ix_pending_predictions_predicted_at", "predicted_at"),
+    )
+
+    deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
+    source_topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    source_partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    variant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    entity_key: Mapped[str | None] = mapped_column(String(500))
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    model_version: Mapped[int] = mapped_column(Integer)
+    score: Mapped[Any] = mapped_column(JSONB)  # float, or list of class probabilities
+    label: Mapped[Any] = mapped_column(JSONB)
+    predicted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JoinedOutcome(Base):
+    """A prediction with its observed outcome: what live AUC and the A/B verdict use."""
+
+    __tablename__ = "joined_outcomes"
+    __table_args__ = (Index("ix_joined_outcomes_lookup", "deployment", "variant", "predicted_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    deployment: Mapped[str] = mapped_column(String(100))
+    variant: Mapped[str] = mapped_column(String(100))
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    model_version: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)  # P(positive) (binary) or the prediction
+    outcome: Mapped[float] = mapped_column(Float)  # 0/1 (binary) or the observed value
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    predicted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutcomeStats(Base):
+    """Per deployment and minute (of arrival): outcomes matched, late, or matching nothing."""
+
+    __tablename__ = "outcome_stats"
+
+    deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    matched: Mapped[int] = mapped_column(BigInteger, default=0)
+    late: Mapped[int] = mapped_column(BigInteger, default=0)
+    unmatched: Mapped[int] = mapped_column(BigInteger, default=0)
+    invalid: Mapped[int] = mapped_column(BigInteger, default=0)
+    expired_predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class FeatureDrift(Base):
+    """Per deployment, feature and minute: live values counted in the training profile's bins."""
+
+    __tablename__ = "feature_drift"
+
+    deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
+    feature: Mapped[str] = mapped_column(String(200), primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(Integer)
+    counts: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    missing: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Alert(Base):
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    deployment: Mapped[str] = mapped_column(String(100), index=True)
+    kind: Mapped[str] = mapped_column(String(50))  # drift | auto_rollback | auto_promote | ...
+    severity: Mapped[str] = mapped_column(String(20))  # info | warning | critical
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Repeated alerts about the same condition share a fingerprint and are not raised twice.
+    fingerprint: Mapped[str] = mapped_column(String(200), index=True)
+
+
+class MonitorOffset(Base):
+    """Next offset to read per topic partition, written in the transaction of what it counted."""
+
+    __tablename__ = "monitor_offsets"
+
+    topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
