@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     deployments_topic: str = "carrara.deployments"
     # Compacted topic scorers publish their status to (keyed by instance id); the API consumes it.
     scorer_status_topic: str = "carrara.scorer-status"
+    # Alerts (drift, automatic promotions and rollbacks) are published here and kept in Postgres.
+    alerts_topic: str = "carrara.alerts"
+    # The monitor raises a drift alert when a feature's PSI over this window exceeds the threshold.
+    drift_window_s: int = Field(900, ge=60, le=86_400)
+    drift_min_events: int = Field(200, ge=1)
     # Celery queue training tasks are sent to (and workers consume).
     training_queue: str = "carrara"
     # A running run whose worker has not written a heartbeat for this long is considered lost:

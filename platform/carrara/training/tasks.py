@@ -73,6 +73,7 @@ class Outcome:
     version: int
     source: str
     events_read: int
+    feature_profile: dict[str, Any] | None = None
 
 
 @worker_process_init.connect
@@ -232,6 +233,7 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
     train_y = None if labels is None else labels[~mask]
     hold_y = None if labels is None else labels[mask]
     results["rows"] = {"train": len(train_x), "holdout": len(hold_x)}
+    feature_profile = _feature_profile(decoded, ~mask, spec, job)
     if len(train_x) == 0:
         raise FeatureError("the holdout took every event: nothing is left to train on")
     task = job.schema["task"]
@@ -333,7 +335,35 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
         version=logged.version,
         source=logged.source,
         events_read=job.event_count,
+        feature_profile=feature_profile,
     )
+
+
+def _feature_profile(decoded: Any, train_rows: np.ndarray, spec: Any, job: Job) -> dict[str, Any]:
+    """The training rows' distribution per feature: what the monitor measures drift against."""
+    from carrara.monitoring.statistics import build_profile
+    from carrara.streams.event_codec import NUMERIC_TYPES
+
+    features: dict[str, Any] = {}
+    numeric_index = 0
+    for feature in decoded.schema.features:
+        if feature.type in NUMERIC_TYPES:
+            column = decoded.numeric[train_rows, numeric_index]
+            numeric_index += 1
+            features[feature.name] = build_profile(column, "numeric")
+        elif str(feature.type) == "category":
+            values = [
+                v
+                for v, keep in zip(decoded.categories[feature.name], train_rows, strict=True)
+                if keep
+            ]
+            features[feature.name] = build_profile(values, "category")
+    task = "anomaly" if job.algorithm == "autoencoder" else job.schema["task"]
+    return {
+        "task": task,
+        "label_classes": None if spec.label_classes is None else list(spec.label_classes),
+        "features": features,
+    }
 
 
 def _evaluate(
@@ -372,6 +402,7 @@ def finish_run(sessions: sessionmaker[Session], job: Job, worker: str, outcome: 
             outcome.source,
             outcome.metrics,
         )
+        version.feature_profile = service._json_safe(outcome.feature_profile)
         session.flush()
         run.events_replayed = outcome.events_read
         run.results = service._json_safe(outcome.results)

@@ -1,0 +1,1 @@
+"""Monitoring: per-variant live metrics, outcome join, A/B verdicts, drift."""
