@@ -25,6 +25,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from mlflow import MlflowClient
+from sqlalchemy import create_engine, text
 
 from carrara.settings import Settings
 from carrara.streams.client_config import producer_config
@@ -37,7 +38,7 @@ QUEUE = f"carrara-train-{RUN_ID}"
 WORKER_ENV = {
     "CARRARA_TRAINING_QUEUE": QUEUE,
     "CARRARA_RUN_HEARTBEAT_INTERVAL_S": "1",
-    "CARRARA_RUN_HEARTBEAT_TIMEOUT_S": "6",
+    "CARRARA_RUN_HEARTBEAT_TIMEOUT_S": "15",
 }
 FEATURES = [f"f{i}" for i in range(5)]
 
@@ -234,6 +235,19 @@ def test_a_run_trains_registers_and_replays_identically(
     native_scores = native.predict_proba(rows.astype(np.float32).astype(np.float64))[:, 1]
     np.testing.assert_allclose(onnx.scores(rows), native_scores, atol=1e-5)
 
+    # The training distribution is stored with the version, for drift monitoring.
+    engine = create_engine(stack.database_url)
+    with engine.connect() as conn:
+        profile = conn.execute(
+            text("SELECT feature_profile FROM model_versions WHERE id = :id"),
+            {"id": first["model_version_id"]},
+        ).scalar_one()
+    engine.dispose()
+    assert profile["task"] == "binary"
+    assert set(profile["features"]) == {*FEATURES, "merchant"}
+    assert profile["features"]["merchant"]["kind"] == "category"
+    assert abs(sum(profile["features"]["f0"]["shares"]) - 1) < 1e-6
+
     second_id = _start(stack, dataset, version, "lightgbm", n_estimators=60)
     second = stack.wait_for(second_id, {"succeeded", "failed"})
     assert second["status"] == "succeeded", second["error"]
@@ -300,7 +314,7 @@ def test_a_worker_killed_mid_run_never_leaves_the_run_running(
     time.sleep(1.5)
     stack.kill_worker()
 
-    requeued = stack.wait_for(run_id, {"queued", "failed", "succeeded"}, timeout=60)
+    requeued = stack.wait_for(run_id, {"queued", "failed", "succeeded"}, timeout=90)
     assert requeued["status"] == "queued", requeued
     assert "stopped sending heartbeats" in requeued["error"]
 
