@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import httpx
 
 from carrara.devstack.processes import LaunchSpec
 from carrara.devstack.service import Service, StackError
+from carrara.settings import Settings
 
 
 def _script(name: str) -> str:
@@ -103,3 +105,75 @@ class WorkerService(Service):
         from carrara.training.worker import ping_workers
 
         return ping_workers(timeout=1.0) > 0
+
+
+class ScorerService(Service):
+    """A streaming scorer of the `default` pool; the demo runs two (one consumer group)."""
+
+    label = "Scorer"
+
+    def __init__(self, settings: Settings, index: int) -> None:
+        super().__init__(settings)
+        self.index = index
+        self.name = f"scorer-{index}"
+        self.label = f"Scorer {index} (pool default)"
+
+    @property
+    def port(self) -> int:
+        return self.settings.scorer_metrics_port + self.index
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.settings.host}:{self.port}/metrics"
+
+    def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(
+            argv=[
+                _script("carrara-scorer"),
+                "--pool",
+                "default",
+                "--instance-id",
+                f"{socket.gethostname()}-{self.name}",
+                "--metrics-port",
+                str(self.port),
+            ],
+            cwd=project_root(),
+            stop_timeout=60.0,
+        )
+
+    def healthy(self) -> bool:
+        try:
+            return (
+                httpx.get(f"http://{self.settings.host}:{self.port}/healthz", timeout=2).status_code
+                == 200
+            )
+        except httpx.HTTPError:
+            return False
+
+
+class MonitorService(Service):
+    name = "monitor"
+    label = "Monitor (outcomes, live metrics, drift)"
+
+    @property
+    def port(self) -> int:
+        return 0
+
+    @property
+    def endpoint(self) -> str:
+        return "consumer group carrara-monitor"
+
+    def port_in_use(self) -> bool:
+        return False
+
+    def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(argv=[_script("carrara-monitor")], cwd=project_root())
+
+    def healthy(self) -> bool:
+        return True  # alive is all there is: the process supervisor (PID file) checks that

@@ -7,7 +7,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from carrara.devstack.app_processes import ApiService, WorkerService
+from carrara.devstack.app_processes import (
+    ApiService,
+    MonitorService,
+    ScorerService,
+    WorkerService,
+)
 from carrara.devstack.kafka_broker import KafkaService
 from carrara.devstack.mlflow_server import MlflowService
 from carrara.devstack.postgres_server import PostgresService
@@ -17,8 +22,18 @@ from carrara.devstack.service import Service, StackError
 from carrara.settings import Settings
 
 INFRASTRUCTURE = ("postgres", "redis", "kafka", "mlflow")
-APPLICATION = ("api", "worker")
-START_TIMEOUT = {"postgres": 60, "redis": 20, "kafka": 120, "mlflow": 180, "api": 60, "worker": 90}
+APPLICATION = ("api", "worker", "scorer-1", "scorer-2", "monitor")
+START_TIMEOUT = {
+    "postgres": 60,
+    "redis": 20,
+    "kafka": 120,
+    "mlflow": 180,
+    "api": 60,
+    "worker": 90,
+    "scorer-1": 60,
+    "scorer-2": 60,
+    "monitor": 30,
+}
 
 
 @dataclass
@@ -49,6 +64,10 @@ class Stack:
             WorkerService,
         ]
         self.services: dict[str, Service] = {cls.name: cls(settings) for cls in classes}
+        for index in (1, 2):
+            scorer = ScorerService(settings, index)
+            self.services[scorer.name] = scorer
+        self.services["monitor"] = MonitorService(settings)
 
     def select(self, names: Iterable[str] | None) -> list[Service]:
         """Services by name in start order; the infrastructure when no names are given."""
