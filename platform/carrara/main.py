@@ -18,6 +18,8 @@ from carrara.deployments.router import scorers_router
 from carrara.errors import API_ERROR_RESPONSES, install_error_handlers
 from carrara.health.router import router as health_router
 from carrara.logging_setup import configure_logging
+from carrara.monitoring.router import alerts_router
+from carrara.monitoring.router import router as monitoring_router
 from carrara.registry.router import router as models_router
 from carrara.settings import Settings, get_settings
 from carrara.streams.topics import TopicAdmin
@@ -34,6 +36,8 @@ def build_api_router() -> APIRouter:
         runs_router,
         models_router,
         deployments_router,
+        monitoring_router,
+        alerts_router,
         scorers_router,
         tokens_router,
         audit_router,
@@ -66,6 +70,20 @@ async def ensure_scorer_status_topic(settings: Settings) -> None:
     await ensure_compacted_topic(settings, settings.scorer_status_topic)
 
 
+async def ensure_alerts_topic(settings: Settings) -> None:
+    """Create the alerts topic if needed (alerts wait in the outbox until it exists)."""
+
+    def _ensure() -> None:
+        TopicAdmin(settings.kafka_bootstrap).create_topic(
+            settings.alerts_topic, 1, exist_ok=True, timeout=10.0
+        )
+
+    try:
+        await asyncio.to_thread(_ensure)
+    except Exception as exc:
+        log.warning("cannot ensure the alerts topic", topic=settings.alerts_topic, error=str(exc))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -77,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.outbox_relay_enabled:
             await ensure_deployments_topic(settings)
             await ensure_scorer_status_topic(settings)
+            await ensure_alerts_topic(settings)
             from sqlalchemy.orm import sessionmaker
 
             from carrara.db import engine_for

@@ -16,7 +16,9 @@ from carrara.errors import Forbidden, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer crr_…`")
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session commits before the response is sent, so a client that got a 201
+# can read what it created, and a failing commit is an error response rather than a lost write.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def current_principal(

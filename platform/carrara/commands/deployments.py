@@ -1,4 +1,4 @@
-"""Deployments: list, show, history, rollback, delete (REST client); `carrara deploy -f` applies."""
+"""Deployments (REST client): list, show, status, history, rollback, delete; `deploy -f` applies."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from carrara.commands.api_client import ApiClient, console, fail, load_document, print_json
@@ -196,3 +197,112 @@ def delete(name: str, reason: ReasonOpt = "", as_json: JsonOpt = False) -> None:
         print_json(result)
         return
     _print_applied(result, "stopped")
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
+
+
+def _print_last_hour(metrics: dict[str, Any]) -> None:
+    regression = metrics["task"] == "regression"
+    console.print(f"[bold]last hour[/bold] ({metrics['from']} → {metrics['to']})")
+    quality = ("rmse", "mae") if regression else ("accuracy", "auc")
+    table = Table(
+        "variant",
+        "model version",
+        "predictions",
+        "dead letters",
+        "p99 latency ms",
+        "outcomes",
+        *quality,
+    )
+    for v in metrics["variants"]:
+        totals = v["totals"]
+        name = v["variant"] + (" (shadow)" if v["shadow"] else "")
+        table.add_row(
+            name,
+            "" if v["model_version"] is None else str(v["model_version"]),
+            f"{totals['predictions']:,}",
+            f"{totals['dead_letters']:,}",
+            _number(totals["p99_latency_ms"]),
+            f"{totals['outcomes']:,}",
+            *(_number(totals[q], 4) for q in quality),
+        )
+    console.print(table)
+    stats = metrics["outcome_stats"]
+    console.print(
+        "outcomes: " + ", ".join(f"{k.replace('_', ' ')} {count:,}" for k, count in stats.items())
+    )
+
+
+def _print_verdict(verdict: dict[str, Any]) -> None:
+    console.print(f"[bold]verdict[/bold] on {verdict['metric']} vs. champion {verdict['champion']}")
+    if not verdict["comparisons"]:
+        console.print("  no challenger to compare")
+    for c in verdict["comparisons"]:
+        colour = "green" if c["significant"] else "yellow"
+        console.print(f"  {c['challenger']}: [{colour}]{escape(c['verdict'])}[/{colour}]")
+
+
+def _print_drift(drift: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]drift[/bold] vs. {drift['model']} v{drift['model_version']} "
+        f"(PSI threshold {drift['threshold']:g})"
+    )
+    if drift.get("note"):
+        console.print(f"  {escape(drift['note'])}")
+        return
+    drifted = [f for f in drift["features"] if f["drifted"]]
+    if not drifted:
+        console.print("  no feature drifted")
+    for f in drifted:
+        ks = f" KS {f['ks']:.3f}" if f["ks"] is not None else ""
+        console.print(
+            f"  [red]{escape(f['feature'])}[/red]: PSI {f['psi']:.3f}{ks} (n = {f['live_count']:,})"
+        )
+
+
+def _print_alerts(alerts: list[dict[str, Any]]) -> None:
+    if not alerts:
+        console.print("[bold]alerts[/bold]: none")
+        return
+    table = Table("at", "kind", "severity", "message", title="newest alerts")
+    for a in alerts:
+        table.add_row(a["at"], escape(a["kind"]), a["severity"], escape(a["message"]))
+    console.print(table)
+
+
+@app.command("status")
+def status(name: str, as_json: JsonOpt = False) -> None:
+    """Show rollout, the last hour per variant, the A/B verdict, drifted features, newest alerts."""
+    api = ApiClient()
+    deployment = api.get(_path(name))
+    metrics = api.get(_path(name, "metrics"), params={"bucket": "hour"})
+    verdict = api.get(_path(name, "verdict"))
+    drift = api.get(_path(name, "drift"))
+    alerts = api.get("/alerts", params={"deployment": name, "limit": 5})["items"]
+    # The last hour as totals: the per-bucket series is for charts, not for a status line.
+    last_hour = {
+        "from": metrics["from"],
+        "to": metrics["to"],
+        "task": metrics["task"],
+        "variants": [{k: v for k, v in m.items() if k != "series"} for m in metrics["variants"]],
+        "outcome_stats": metrics["outcome_stats"],
+    }
+    if as_json:
+        print_json(
+            {
+                "deployment": deployment,
+                "last_hour": last_hour,
+                "verdict": verdict,
+                "drift": drift,
+                "alerts": alerts,
+            }
+        )
+        return
+    _print_deployment(deployment)
+    _print_rollout(deployment["rollout"])
+    _print_last_hour(last_hour)
+    _print_verdict(verdict)
+    _print_drift(drift)
+    _print_alerts(alerts)

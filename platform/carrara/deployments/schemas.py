@@ -14,6 +14,8 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 # The characters Kafka allows in a topic name.
 TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 MAX_VARIANTS = 10
+MONITORING_METRICS = ("log_loss", "accuracy", "rmse", "mae")
+MAX_OUTCOME_WINDOW_S = 30 * 86400
 
 DeploymentName = Annotated[
     str, Path(pattern=NAME_PATTERN, max_length=100, description="Deployment name (a slug)")
@@ -74,6 +76,76 @@ class VariantIn(BaseModel):
         return self
 
 
+class MonitoringConfig(BaseModel):
+    """How the monitor judges a deployment: outcomes to join, the verdict metric, drift bound."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    outcomes_topic: TopicName | None = Field(
+        default=None, description="Kafka topic of observed outcomes (must exist); none: no join"
+    )
+    outcome_field: str = Field(
+        default="label",
+        min_length=1,
+        max_length=200,
+        description="Field of an outcome event holding the observed label or value",
+    )
+    join_by: Literal["key", "source"] = Field(
+        default="key",
+        description=(
+            "`key`: an outcome carries the deployment's key field; `source`: it carries the "
+            "input event's `source_topic`, `source_partition` and `source_offset`"
+        ),
+    )
+    window_s: int = Field(
+        default=86400,
+        ge=60,
+        le=MAX_OUTCOME_WINDOW_S,
+        description="Seconds after a prediction its outcome may arrive; later ones count as late",
+    )
+    metric: Literal["log_loss", "accuracy", "rmse", "mae"] | None = Field(
+        default=None,
+        description=(
+            "Metric of the A/B verdict (default: log_loss for classification, rmse for regression)"
+        ),
+    )
+    champion: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        max_length=100,
+        description="Variant the others are compared with (default: the largest live weight)",
+    )
+    drift_psi_threshold: float = Field(
+        default=0.2, gt=0, le=100, description="A feature drifted when its PSI is above this"
+    )
+    alpha: float = Field(
+        default=0.05, gt=0, le=0.5, description="Significance level of the sequential test"
+    )
+
+
+class Policy(BaseModel):
+    """What the monitor may do on its own; every action is a new, audited revision."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    auto_promote: bool = Field(
+        default=False, description="Give all live traffic to a challenger that significantly wins"
+    )
+    auto_rollback: bool = Field(
+        default=False,
+        description="Take a variant out whose dead-letter rate or metric crosses its bound",
+    )
+    min_outcomes: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000_000,
+        description="Outcomes each variant needs before an automatic action",
+    )
+    max_dead_letter_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Dead letters per event above which to roll back"
+    )
+
+
 class DeploymentPut(BaseModel):
     """The desired state of a deployment."""
 
@@ -89,6 +161,12 @@ class DeploymentPut(BaseModel):
     )
     variants: list[VariantIn] = Field(min_length=1, max_length=MAX_VARIANTS)
     description: str = Field(default="", max_length=2000)
+    monitoring: MonitoringConfig | None = Field(
+        default=None, description="Outcome join, verdict metric and drift threshold (optional)"
+    )
+    policy: Policy | None = Field(
+        default=None, description="Automatic promotion and rollback (optional; off when absent)"
+    )
     reason: Reason = ""
 
     @model_validator(mode="after")
@@ -105,6 +183,15 @@ class DeploymentPut(BaseModel):
             raise ValueError(f"the weights of live variants must sum to 100, got {total}")
         if self.input_topic == self.output_topic:
             raise ValueError("input_topic and output_topic must differ")
+        outcomes = self.monitoring.outcomes_topic if self.monitoring else None
+        if outcomes is not None and outcomes == self.output_topic:
+            raise ValueError("monitoring.outcomes_topic must differ from output_topic")
+        champion = self.monitoring.champion if self.monitoring else None
+        if champion is not None and champion not in {v.name for v in live}:
+            raise ValueError(
+                f"monitoring.champion '{champion}' is not a live variant of this deployment "
+                f"(live: {', '.join(sorted(v.name for v in live))})"
+            )
         return self
 
 
@@ -126,6 +213,9 @@ class DeploymentSpecOut(BaseModel):
     pool: str
     description: str
     variants: list[VariantOut]
+    # Left out when absent, so a spec without them reads as it did before they existed.
+    monitoring: MonitoringConfig | None = Field(default=None, exclude_if=lambda v: v is None)
+    policy: Policy | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class DeploymentOut(BaseModel):

@@ -15,11 +15,20 @@ import orjson
 from confluent_kafka import KafkaException
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
-from carrara.deployments.schemas import DeploymentPut
+from carrara.deployments.schemas import DeploymentPut, MonitoringConfig, Policy
 from carrara.errors import Conflict, Invalid, NotFound, Unavailable
-from carrara.models import Deployment, DeploymentRevision, ScorerInstance
+from carrara.models import (
+    Dataset,
+    DatasetVersion,
+    Deployment,
+    DeploymentRevision,
+    ModelVersion,
+    RegisteredModel,
+    ScorerInstance,
+    TrainingRun,
+)
 from carrara.outbox.service import enqueue_kafka
 from carrara.pagination import PageParams, paginate
 from carrara.registry import service as registry
@@ -27,6 +36,14 @@ from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, spec_to
 from carrara.streams.topics import TopicAdmin
 
 TOPIC_CHECK_TIMEOUT_S = 5.0
+CLASSIFICATION_TASKS = frozenset({"binary", "multiclass"})
+# The tasks each verdict metric makes sense for (a model of unknown task accepts any).
+METRIC_TASKS = {
+    "log_loss": CLASSIFICATION_TASKS,
+    "accuracy": CLASSIFICATION_TASKS,
+    "rmse": frozenset({"regression"}),
+    "mae": frozenset({"regression"}),
+}
 # A scorer is live while its last status record is at most this many of its intervals old.
 LIVE_INTERVALS = 3
 
@@ -69,7 +86,9 @@ def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
     """The stored form of a desired state: aliases resolved, variants sorted by name.
 
     Sorting makes a reordered but otherwise equal file the same revision. The `reason` is about
-    the change, not the state, so it is not part of the spec.
+    the change, not the state, so it is not part of the spec. `monitoring` and `policy` are stored
+    with their defaults filled in, and only when given: a body without them keeps the spec (and
+    its hash) of deployments made before they existed.
     """
     variants = []
     for v in sorted(body.variants, key=lambda v: v.name):
@@ -83,7 +102,7 @@ def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
                 "shadow_sample_pct": float(v.shadow_sample_pct or 100) if v.shadow else None,
             }
         )
-    return {
+    spec: dict[str, Any] = {
         "input_topic": body.input_topic,
         "output_topic": body.output_topic,
         "key_field": body.key_field,
@@ -91,6 +110,126 @@ def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
         "description": body.description,
         "variants": variants,
     }
+    if body.monitoring is not None:
+        spec["monitoring"] = body.monitoring.model_dump(mode="json")
+    if body.policy is not None:
+        spec["policy"] = body.policy.model_dump(mode="json")
+    return spec
+
+
+def _topics_of(spec: dict[str, Any]) -> list[str]:
+    """The Kafka topics a spec names: input, output, and the outcomes topic if it has one."""
+    topics = [spec["input_topic"], spec["output_topic"]]
+    outcomes = (spec.get("monitoring") or {}).get("outcomes_topic")
+    if outcomes is not None:
+        topics.append(outcomes)
+    return topics
+
+
+def model_task(session: Session, model: str, version: int) -> str | None:
+    """The task (binary, multiclass, regression, anomaly) a model version was trained for.
+
+    From the dataset of its training run, else from its feature profile's `task`; None when
+    unknown (e.g. a version imported from MLflow without a profile).
+    """
+    row = session.execute(
+        select(Dataset.task, ModelVersion.feature_profile)
+        .select_from(ModelVersion)
+        .join(RegisteredModel, ModelVersion.registered_model_id == RegisteredModel.id)
+        .outerjoin(TrainingRun, ModelVersion.run_id == TrainingRun.id)
+        .outerjoin(DatasetVersion, TrainingRun.dataset_version_id == DatasetVersion.id)
+        .outerjoin(Dataset, DatasetVersion.dataset_id == Dataset.id)
+        .where(RegisteredModel.name == model, ModelVersion.version == version)
+    ).first()
+    if row is None:
+        return None
+    task, profile = row
+    if task is None and isinstance(profile, dict) and isinstance(profile.get("task"), str):
+        task = profile["task"]
+    return task
+
+
+def champion_of(spec: dict[str, Any]) -> str:
+    """The champion variant: the configured one, else the live variant with the largest weight.
+
+    Ties go to the first name in order (variants are stored sorted by name).
+    """
+    configured = (spec.get("monitoring") or {}).get("champion")
+    live = [v for v in spec["variants"] if not v["shadow"]]
+    if configured is not None and any(v["name"] == configured for v in live):
+        return str(configured)
+    return str(max(live, key=lambda v: v["weight"])["name"])
+
+
+def variant_of(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """The stored variant `name` of a spec (KeyError if it has none)."""
+    for v in spec["variants"]:
+        if v["name"] == name:
+            return dict(v)
+    raise KeyError(name)
+
+
+def champion_task(session: Session, spec: dict[str, Any]) -> str | None:
+    """The task of the champion variant's model version (see `model_task`)."""
+    champion = variant_of(spec, champion_of(spec))
+    return model_task(session, champion["model"], champion["version"])
+
+
+def verdict_metric(session: Session, spec: dict[str, Any]) -> str:
+    """The A/B verdict's metric: the configured one, else rmse for regression, else log_loss.
+
+    A model of unknown task counts as a classifier, as the monitor joins its outcomes as labels.
+    """
+    configured = (spec.get("monitoring") or {}).get("metric")
+    if configured is not None:
+        return str(configured)
+    return "rmse" if champion_task(session, spec) == "regression" else "log_loss"
+
+
+def _check_metric(session: Session, spec: dict[str, Any]) -> None:
+    """Invalid if the configured verdict metric does not suit the champion model's task."""
+    metric = (spec.get("monitoring") or {}).get("metric")
+    if metric is None:
+        return
+    champion = variant_of(spec, champion_of(spec))
+    task = model_task(session, champion["model"], champion["version"])
+    # Unknown and anomaly models are accepted: nothing says which outcomes they will get.
+    if task in CLASSIFICATION_TASKS | {"regression"} and task not in METRIC_TASKS[metric]:
+        suits = " or ".join(sorted(METRIC_TASKS[metric]))
+        raise Invalid(
+            f"monitoring.metric '{metric}' needs a {suits} model, but champion "
+            f"'{champion['name']}' ({champion['model']} v{champion['version']}) is a {task} model"
+        )
+
+
+def monitoring_config_of(
+    spec: dict[str, Any] | None,
+) -> tuple[MonitoringConfig | None, Policy | None]:
+    """The monitoring config and policy stored in a revision's spec (None for each one absent)."""
+    if spec is None:
+        return None, None
+    monitoring = spec.get("monitoring")
+    policy = spec.get("policy")
+    return (
+        MonitoringConfig.model_validate(monitoring) if monitoring is not None else None,
+        Policy.model_validate(policy) if policy is not None else None,
+    )
+
+
+def monitoring_config(deployment: Deployment) -> tuple[MonitoringConfig | None, Policy | None]:
+    """What the monitor process needs of a deployment: its current monitoring config and policy.
+
+    Reads the current revision through the session `deployment` is attached to. Returns
+    (None, None) for a stopped deployment, and None for whichever object its spec lacks: no
+    `monitoring` means no outcome join (metrics and drift with the defaults of
+    `MonitoringConfig()`), no `policy` means no automatic action. Pair with `champion_of(spec)`
+    and `verdict_metric(session, spec)` for the defaults the config leaves open.
+    """
+    session = object_session(deployment)
+    if session is None:
+        raise ValueError(f"deployment '{deployment.name}' is not attached to a session")
+    current = _current(session, deployment)
+    return monitoring_config_of(current.spec if current is not None else None)
 
 
 def _resolve_version(
@@ -120,7 +259,7 @@ def _validate_live(session: Session, spec: dict[str, Any], publishing: Publishin
     """Check that what a spec references still exists (models in Carrara, topics in Kafka)."""
     for v in spec["variants"]:
         _resolve_version(session, v["name"], v["model"], v["version"], None)
-    check_topics(publishing.kafka_bootstrap, [spec["input_topic"], spec["output_topic"]])
+    check_topics(publishing.kafka_bootstrap, _topics_of(spec))
 
 
 def _locked(session: Session, name: str) -> Deployment | None:
@@ -257,7 +396,8 @@ def apply(
     deployment given a spec starts again with a new revision, even if the spec is its last one.
     """
     spec = normalize(session, body)
-    check_topics(publishing.kafka_bootstrap, [spec["input_topic"], spec["output_topic"]])
+    _check_metric(session, spec)
+    check_topics(publishing.kafka_bootstrap, _topics_of(spec))
     # ON CONFLICT DO NOTHING + row lock: two first PUTs of one name both succeed, one after
     # the other, instead of one failing on the unique name.
     session.execute(

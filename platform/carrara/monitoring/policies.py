@@ -19,7 +19,8 @@ from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentPut
 from carrara.models import Deployment, DeploymentRevision, JoinedOutcome
 from carrara.monitoring.alerts import raise_alert
-from carrara.monitoring.statistics import per_row_metric, sequential_test, verdict_text
+from carrara.monitoring.service import per_row_values
+from carrara.monitoring.statistics import sequential_test, verdict_text
 from carrara.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -27,10 +28,10 @@ ACTOR = "carrara-monitor"
 
 
 def _values(
-    session: Session, name: str, variant: dict[str, Any], since: Any, metric: str
+    session: Session, name: str, variant: dict[str, Any], since: Any, metric: str, task: str | None
 ) -> np.ndarray:
     rows = session.execute(
-        select(JoinedOutcome.score, JoinedOutcome.outcome).where(
+        select(JoinedOutcome.score, JoinedOutcome.outcome, JoinedOutcome.correct).where(
             JoinedOutcome.deployment == name,
             JoinedOutcome.variant == variant["name"],
             JoinedOutcome.model_version == variant["version"],
@@ -41,7 +42,8 @@ def _values(
         return np.empty(0)
     scores = np.array([r[0] for r in rows], dtype=np.float64)
     outcomes = np.array([r[1] for r in rows], dtype=np.float64)
-    return per_row_metric(metric, scores, outcomes)
+    correct = np.array([bool(r[2]) for r in rows], dtype=bool)
+    return per_row_values(metric, task, scores, outcomes, correct)
 
 
 def apply_policies(session: Session, settings: Settings, watched: Any) -> str | None:
@@ -68,11 +70,14 @@ def apply_policies(session: Session, settings: Settings, watched: Any) -> str | 
     variants = {v["name"]: v for v in spec["variants"]}
     champion = variants[champion_name]
     alpha = monitoring.alpha if monitoring is not None else 0.05
-    champion_values = _values(session, deployment.name, champion, revision.created_at, metric)
+    task = deployments.champion_task(session, spec)
+    champion_values = _values(session, deployment.name, champion, revision.created_at, metric, task)
     for variant in spec["variants"]:
         if variant["shadow"] or variant["name"] == champion_name or variant["weight"] == 0:
             continue
-        challenger_values = _values(session, deployment.name, variant, revision.created_at, metric)
+        challenger_values = _values(
+            session, deployment.name, variant, revision.created_at, metric, task
+        )
         result = sequential_test(champion_values, challenger_values, metric=metric, alpha=alpha)
         if not result.significant:
             continue
