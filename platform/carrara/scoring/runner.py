@@ -177,24 +177,32 @@ class DeploymentRunner:
         }
 
     def _collect(self, consumer: Consumer) -> list[Message]:
-        """Up to `scorer_batch_size` messages, or what arrived within `scorer_batch_ms`."""
+        """Up to `scorer_batch_size` messages: wait briefly for the first, then `scorer_batch_ms`.
+
+        `consume(n, timeout)` returns early only when n messages are there, so the window is
+        bounded explicitly (measured: a 50 ms floor per call otherwise raised p50 latency).
+        """
         size, window = self.settings.scorer_batch_size, self.settings.scorer_batch_ms / 1000
-        messages: list[Message] = []
+        messages = self._good(consumer.consume(size, timeout=0.1))
+        if not messages:
+            return messages
         deadline = time.monotonic() + window
         while len(messages) < size and not self.stop_event.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and messages:
+            if remaining <= 0:
                 break
-            polled = consumer.consume(size - len(messages), timeout=max(remaining, 0.05))
-            for message in polled:
-                error = message.error()
-                if error is None:
-                    messages.append(message)
-                elif error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error", deployment=self.name, error=str(error))
-            if not messages and remaining <= 0:
-                break
+            messages.extend(self._good(consumer.consume(size - len(messages), timeout=remaining)))
         return messages
+
+    def _good(self, polled: list[Message]) -> list[Message]:
+        good = []
+        for message in polled:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error", deployment=self.name, error=str(error))
+        return good
 
     def _current(self) -> ServingState:
         with self._lock:
