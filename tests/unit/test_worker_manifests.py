@@ -88,7 +88,7 @@ def test_the_deployment_runs_the_scorer_command_of_the_package() -> None:
 
 
 def test_probes_and_metrics_use_the_scorers_http_port() -> None:
-    port = Settings().scorer_metrics_port
+    port = Settings.model_fields["scorer_metrics_port"].default  # the default the manifests assume
     container = scorer_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": port}
