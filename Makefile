@@ -5,12 +5,16 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: bootstrap system test lint format demo stack-up stack-down stack-status clean
+.PHONY: bootstrap system web test lint format demo stack-up stack-down stack-status clean
 
-bootstrap: system $(VENV)/.installed
+bootstrap: system $(VENV)/.installed web
 
 system:
 	@deploy/bootstrap.sh system
+
+## The web UI's pinned JS (npm ci, copied to web/static/vendor) and Debian's Chromium.
+web:
+	@deploy/bootstrap.sh web
 
 $(VENV)/.installed: pyproject.toml
 	deploy/bootstrap.sh python

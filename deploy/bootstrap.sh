@@ -2,6 +2,8 @@
 # Installs what Carrara needs on a fresh Debian machine, and nothing that is already there.
 #   deploy/bootstrap.sh system   Debian packages: PostgreSQL, Redis, Java 17, Maven
 #   deploy/bootstrap.sh python   the virtualenv in .venv with Carrara and its dev tools
+#   deploy/bootstrap.sh web      the web UI's JS (npm ci, copied to web/static/vendor) and
+#                                Debian's Chromium for the browser tests
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +36,29 @@ python_env() {
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
 }
 
+web_assets() {
+  local missing=()
+  command -v npm >/dev/null || missing+=(nodejs npm)
+  # Browser tests drive Debian's Chromium; `playwright install` (a downloaded browser) is never used.
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}"
+  fi
+  # The pinned JS (web/package-lock.json) is served by the app itself, never from a CDN.
+  if [ ! -f web/node_modules/.package-lock.json ] \
+    || [ web/package-lock.json -nt web/node_modules/.package-lock.json ]; then
+    (cd web && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  (cd web && npm run --silent vendor)
+}
+
 case "${1:-all}" in
   system) system_packages ;;
   python) python_env ;;
-  all) system_packages; python_env ;;
-  *) echo "usage: $0 [system|python|all]" >&2; exit 2 ;;
+  web) web_assets ;;
+  all) system_packages; python_env; web_assets ;;
+  *) echo "usage: $0 [system|python|web|all]" >&2; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ from carrara.registry.router import router as models_router
 from carrara.settings import Settings, get_settings
 from carrara.streams.topics import TopicAdmin
 from carrara.training.router import router as runs_router
+from carrara.ui.router import install_ui
 
 log = structlog.get_logger(__name__)
 
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(build_api_router())
+    install_ui(app, settings.secret_key)
     return app
 
 

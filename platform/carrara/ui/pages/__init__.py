@@ -1,0 +1,44 @@
+"""The UI's page routes, one module per area; `carrara.ui.router` assembles them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse
+
+from carrara.pagination import PageParams, page_params
+from carrara.settings import Settings, get_settings
+from carrara.ui.errors import PageRoute
+from carrara.ui.security import UI_PREFIX
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+LIST_LIMIT = 50
+
+
+def page_router() -> APIRouter:
+    """A router whose routes render their errors as pages and stay out of the OpenAPI schema."""
+    return APIRouter(route_class=PageRoute, include_in_schema=False)
+
+
+def list_page(cursor: str | None, limit: int = LIST_LIMIT) -> PageParams:
+    """The page of a list the `cursor` query parameter asks for (the API's pagination)."""
+    return page_params(limit=limit, cursor=cursor or None)
+
+
+def redirect(path: str) -> RedirectResponse:
+    """See-other redirect after a successful form post (the browser then GETs `path`)."""
+    return RedirectResponse(UI_PREFIX + path, status_code=303)
+
+
+def rolled_back(request: Request) -> None:
+    """Undo what a failed change flushed before the form is shown again with its errors."""
+    session = getattr(request.state, "db", None)
+    if session is not None:
+        session.rollback()
+
+
+def query_value(value: str | None) -> str | None:
+    """A filter from a GET form: an empty input means no filter."""
+    value = (value or "").strip()
+    return value or None

@@ -1,0 +1,536 @@
+"""The web UI's pages over HTTP, against the real Postgres and Kafka: sign-in and session cookie,
+roles and CSRF, every page rendered with data and empty, forms validated like the API.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from carrara.auth.roles import Role
+from carrara.auth.service import create_token, revoke_token
+from carrara.db import get_session
+from carrara.models import (
+    ApiToken,
+    AuditEvent,
+    Dataset,
+    Deployment,
+    DeploymentRevision,
+    TrainingRun,
+)
+from carrara.registry import service as registry
+from carrara.settings import Settings
+from carrara.streams.topics import TopicAdmin
+from carrara.ui import templating
+from carrara.ui.pages import datasets, deployments, models, runs, signin
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+FEATURES = "amount: float\nitems: int\ncountry: category"
+
+
+def token(session: Session, role: Role, name: str) -> str:
+    """A committed token's secret (committed: a failed form rolls the request's work back)."""
+    _, secret = create_token(session, name, role, created_by=None)
+    session.commit()
+    return secret
+
+
+def csrf_of(html: str) -> str:
+    match = CSRF.search(html)
+    assert match, "the page has no CSRF token"
+    return match[1]
+
+
+def sign_in(client: TestClient, secret: str) -> str:
+    """Sign `client` in with `secret`; returns the session's (new) CSRF token."""
+    page = client.get("/ui/sign-in")
+    response = client.post(
+        "/ui/sign-in",
+        data={"csrf_token": csrf_of(page.text), "token": secret, "next": "/ui/datasets"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303, response.text
+    assert response.headers["location"] == "/ui/datasets"
+    return csrf_of(client.get("/ui/").text)
+
+
+@pytest.fixture
+def client(client: TestClient, db_session: Session) -> TestClient:
+    """The app, each request committing its work as in production (a savepoint in the test's
+    transaction, rolled back after the test): a failed form then undoes only its own request.
+    """
+
+    def _session() -> Iterator[Session]:
+        yield db_session
+        db_session.commit()
+
+    client.app.dependency_overrides[get_session] = _session
+    return client
+
+
+@pytest.fixture
+def editor(client: TestClient, db_session: Session) -> str:
+    """`client` signed in as an editor; returns the CSRF token."""
+    return sign_in(client, token(db_session, Role.editor, "ui-editor"))
+
+
+@pytest.fixture
+def topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, str]]:
+    admin = TopicAdmin(stack_settings.kafka_bootstrap)
+    names = (f"{topic_name}-in", f"{topic_name}-out")
+    for name in names:
+        admin.create_topic(name, 1)
+    yield names
+    admin.delete_topics(list(names))
+
+
+def test_pages_redirect_to_sign_in_and_back(client: TestClient, db_session: Session) -> None:
+    response = client.get("/ui/runs?status=failed", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/sign-in?next=%2Fui%2Fruns%3Fstatus%3Dfailed"
+    # HTMX fragments ask HTMX to load the sign-in page instead of swapping it in.
+    fragment = client.get("/ui/overview/live", headers={"HX-Request": "true"})
+    assert fragment.status_code == 204
+    assert fragment.headers["HX-Redirect"].startswith("/ui/sign-in?next=")
+    assert client.get("/", follow_redirects=False).headers["location"] == "/ui/"
+
+
+def test_sign_in_keeps_only_who_in_a_signed_http_only_lax_cookie(
+    client: TestClient, db_session: Session
+) -> None:
+    secret = token(db_session, Role.viewer, "ui-viewer")
+    page = client.get("/ui/sign-in")
+    wrong = client.post(
+        "/ui/sign-in", data={"csrf_token": csrf_of(page.text), "token": "crr_nope", "next": ""}
+    )
+    assert wrong.status_code == 401
+    assert "Sign-in failed: the bearer token is not valid" in wrong.text
+
+    forged = client.post("/ui/sign-in", data={"csrf_token": "forged", "token": secret})
+    assert forged.status_code == 403
+    assert "This form has expired" in forged.text
+
+    response = client.post(
+        "/ui/sign-in",
+        data={"csrf_token": csrf_of(page.text), "token": secret, "next": "https://evil.example/"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/"  # never an open redirect
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("carrara_ui=")
+    for flag in ("httponly", "samesite=lax", "path=/ui"):
+        assert flag in cookie.lower()
+    assert "secure" not in cookie.lower()  # plain http here; see the https test
+    assert secret not in cookie
+    assert secret[4:20] not in cookie
+    home = client.get("/ui/")
+    assert home.status_code == 200
+    assert "ui-viewer" in home.text
+    assert "role-viewer" in home.text
+    # The API stays stateless: the cookie never authenticates it.
+    assert client.get("/api/v1/datasets").status_code == 401
+
+
+def test_the_cookie_is_secure_over_https(db_session: Session, client: TestClient) -> None:
+    secret = token(db_session, Role.viewer, "ui-https")
+    secure = TestClient(client.app, base_url="https://testserver")
+    page = secure.get("/ui/sign-in")
+    response = secure.post(
+        "/ui/sign-in",
+        data={"csrf_token": csrf_of(page.text), "token": secret},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert "secure" in response.headers["set-cookie"].lower()
+
+
+def test_sign_out_and_revocation_end_the_session(client: TestClient, db_session: Session) -> None:
+    secret = token(db_session, Role.editor, "ui-revoked")
+    sign_in(client, secret)
+    assert client.get("/ui/datasets").status_code == 200
+    row = db_session.scalar(select(ApiToken).where(ApiToken.name == "ui-revoked"))
+    revoke_token(db_session, row.id)
+    db_session.commit()
+    response = client.get("/ui/datasets", follow_redirects=False)
+    assert response.status_code == 303
+    assert "revoked" in response.headers["location"]
+
+    csrf = sign_in(client, token(db_session, Role.viewer, "ui-other"))
+    out = client.post("/ui/sign-out", data={"csrf_token": csrf}, follow_redirects=False)
+    assert out.headers["location"] == "/ui/sign-in"
+    assert client.get("/ui/", follow_redirects=False).status_code == 303
+
+
+def test_empty_states_render_for_a_fresh_platform(client: TestClient, editor: str) -> None:
+    expectations = {
+        "/ui/": "Live deployments",
+        "/ui/datasets?prefix=zz-none": "No dataset matches",
+        "/ui/runs?dataset=zz-none": "No run matches these filters",
+        "/ui/models?prefix=zz-none": "No model matches",
+        "/ui/deployments?status=stopped": "Deployments",
+        "/ui/datasets/_new": "Register dataset",
+        "/ui/deployments/_new": "Review change",
+    }
+    for path, text in expectations.items():
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.text[-2000:])
+        assert text in response.text, path
+    missing = client.get("/ui/datasets/no-such-dataset")
+    assert missing.status_code == 404
+    assert "dataset &#39;no-such-dataset&#39; does not exist" in missing.text
+    assert client.get("/ui/runs/abc").status_code == 404
+    # A polled panel gets its designed error state as a fragment (HTMX swaps 4xx/5xx in).
+    gone = client.get("/ui/deployments/gone/live", headers={"HX-Request": "true"})
+    assert gone.status_code == 404
+    assert gone.text.startswith('<div class="panel-error" role="alert">')
+    assert "deployment &#39;gone&#39; does not exist" in gone.text
+    assert client.get("/ui/nothing/here").status_code == 404
+    one = client.get("/ui/runs/compare?ids=1")
+    assert one.status_code == 422
+    assert "choose between 2 and 5 runs to compare (you chose 1)" in one.text
+
+
+def test_dataset_and_snapshot_forms_validate_like_the_api(
+    client: TestClient, editor: str, db_session: Session, topic_name: str
+) -> None:
+    form = {
+        "csrf_token": editor,
+        "name": "ui-cards",
+        "topic": topic_name,
+        "create_topic": "on",
+        "partitions": "2",
+        "key_field": "user",
+        "label_field": "fraud",
+        "task": "binary",
+        "features": "amount float\nthis line is wrong",
+    }
+    bad = client.post("/ui/datasets/_new", data=form)
+    assert bad.status_code == 422
+    assert "line 2 (&#39;this line is wrong&#39;)" in bad.text
+    assert 'value="ui-cards"' in bad.text  # what was typed is kept
+
+    clash = client.post("/ui/datasets/_new", data={**form, "features": "user: float"})
+    assert clash.status_code == 422
+    assert "key field &#39;user&#39; must not also be a feature" in clash.text
+
+    created = client.post(
+        "/ui/datasets/_new", data={**form, "features": FEATURES}, follow_redirects=False
+    )
+    assert created.status_code == 303, created.text
+    assert created.headers["location"] == "/ui/datasets/ui-cards"
+    detail = client.get("/ui/datasets/ui-cards")
+    assert f"topic {topic_name} created" in detail.text
+    assert "No snapshots yet" in detail.text
+
+    bad_range = client.post(
+        "/ui/datasets/ui-cards/versions",
+        data={"csrf_token": editor, "mode": "time_range", "from": "", "to": ""},
+    )
+    assert bad_range.status_code == 422
+    assert "mode time_range needs" in bad_range.text
+
+    snap = client.post(
+        "/ui/datasets/ui-cards/versions",
+        data={"csrf_token": editor, "mode": "latest", "description": "first"},
+        follow_redirects=False,
+    )
+    assert snap.status_code == 303
+    detail = client.get("/ui/datasets/ui-cards")
+    assert "Snapshot v1 pinned: 0 events over 2 partition(s)." in detail.text
+    assert "p0 [0, 0)" in detail.text
+    assert "p1 [0, 0)" in detail.text
+    audit = db_session.scalars(
+        select(AuditEvent.action).where(AuditEvent.resource_id.like("ui-cards%"))
+    ).all()
+    assert sorted(audit) == ["dataset.create", "dataset.version.create"]
+
+    sample = client.get("/ui/datasets/ui-cards/sample", headers={"HX-Request": "true"})
+    assert sample.status_code == 200
+    assert "The topic is empty" in sample.text
+
+
+def test_the_live_sample_checks_each_event_against_the_schema(
+    client: TestClient, editor: str, stack_settings: Settings, topic_name: str
+) -> None:
+    from confluent_kafka import Producer
+
+    TopicAdmin(stack_settings.kafka_bootstrap).create_topic(topic_name, 1)
+    producer = Producer({"bootstrap.servers": stack_settings.kafka_bootstrap})
+
+    def send(event: dict[str, object]) -> None:
+        producer.produce(topic_name, value=orjson.dumps(event))
+        assert producer.flush(10) == 0
+
+    send({"user": "u1", "amount": 1.5, "items": 2, "country": "FR", "fraud": 0})
+    form = {
+        "csrf_token": editor,
+        "name": "ui-sampled",
+        "topic": topic_name,
+        "key_field": "user",
+        "label_field": "fraud",
+        "task": "binary",
+        "features": FEATURES,
+    }
+    assert client.post("/ui/datasets/_new", data=form, follow_redirects=False).status_code == 303
+    # A producer later sends an event that breaks the schema: the sample shows it.
+    send({"user": "u2", "amount": "lots", "items": 2, "country": "FR", "fraud": 1})
+    sample = client.get("/ui/datasets/ui-sampled/sample", headers={"HX-Request": "true"})
+    assert sample.status_code == 200
+    assert "2 newest events" in sample.text
+    assert "1 disagree with the schema" in sample.text
+    assert "check amount" in sample.text
+    assert "&#34;amount&#34;: &#34;lots&#34;" in sample.text
+
+
+def test_a_viewer_sees_no_edit_controls_and_is_refused_edits(
+    client: TestClient, db_session: Session
+) -> None:
+    csrf = sign_in(client, token(db_session, Role.viewer, "ui-reader"))
+    for path in ("/ui/datasets", "/ui/runs", "/ui/deployments", "/ui/models"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert 'class="btn btn-primary"' not in page.text, path
+        # The only form that posts is signing out.
+        assert page.text.count('method="post"') == 1, path
+    refused = client.post(
+        "/ui/datasets/_new",
+        data={"csrf_token": csrf, "name": "x", "topic": "x", "features": FEATURES},
+    )
+    assert refused.status_code == 403
+    assert "Not allowed" in refused.text
+    assert (
+        "This needs the editor role; token &#39;ui-reader&#39; has the viewer role" in refused.text
+    )
+    assert client.get("/ui/datasets/_new").status_code == 403
+    assert db_session.scalar(select(func.count()).select_from(Dataset)) == 0
+
+
+def test_every_form_post_of_the_ui_checks_the_csrf_token(client: TestClient, editor: str) -> None:
+    posts = [
+        "/ui" + route.path
+        for module in (signin, datasets, runs, models, deployments)
+        for route in module.router.routes
+        if isinstance(route, APIRoute) and "POST" in route.methods
+    ]
+    assert len(posts) >= 12
+    for path in posts:
+        url = re.sub(r"\{run_id\}", "1", re.sub(r"\{(name|alias)\}", "x", path))
+        response = client.post(url, data={"csrf_token": "stolen"})
+        assert response.status_code == 403, path
+        assert "This form has expired" in response.text, path
+
+
+def test_posts_without_the_session_csrf_token_are_refused(
+    client: TestClient, editor: str, db_session: Session
+) -> None:
+    response = client.post("/ui/runs/1/cancel", data={"csrf_token": "not-it"})
+    assert response.status_code == 403
+    assert "This form has expired" in response.text
+    # HTMX sends the token as a header instead.
+    response = client.post(
+        "/ui/runs/999999/cancel", headers={"X-CSRF-Token": editor}, follow_redirects=False
+    )
+    assert response.status_code == 303  # past the CSRF check: the run does not exist
+    assert "run 999999 does not exist" in client.get("/ui/runs").text
+
+
+def test_the_run_form_is_generated_from_the_algorithms_and_validated_by_them(
+    client: TestClient, editor: str, db_session: Session, topic_name: str
+) -> None:
+    form = {
+        "csrf_token": editor,
+        "name": "ui-runs",
+        "topic": topic_name,
+        "create_topic": "on",
+        "partitions": "1",
+        "key_field": "user",
+        "label_field": "fraud",
+        "task": "binary",
+        "features": FEATURES,
+    }
+    client.post("/ui/datasets/_new", data=form)
+    client.post("/ui/datasets/ui-runs/versions", data={"csrf_token": editor, "mode": "latest"})
+
+    page = client.get("/ui/runs/new?dataset_version=ui-runs@1&algorithm=logistic_regression")
+    assert page.status_code == 200
+    assert 'name="param.C"' in page.text
+    assert 'name="param.max_iter"' in page.text
+    assert "&gt; 0 and ≤ 1,000,000" in page.text  # bounds from the JSON schema
+    assert "Linear regression" not in page.text  # not offered for a binary dataset
+    fragment = client.get(
+        "/ui/runs/new/algorithm?dataset_version=ui-runs@1&algorithm=autoencoder",
+        headers={"HX-Request": "true"},
+    )
+    assert 'name="param.hidden_layers"' in fragment.text
+
+    run_form = {
+        "csrf_token": editor,
+        "dataset_version": "ui-runs@1",
+        "algorithm": "logistic_regression",
+        "param.C": "-1",
+        "param.max_iter": "",
+        "param.class_weight": "balanced",
+        "holdout_method": "hash",
+        "holdout_fraction": "0.25",
+        "holdout_seed": "0",
+        "registered_model_name": "ui-runs-model",
+        "idempotency_key": "ui-test-key",
+    }
+    bad = client.post("/ui/runs/new", data=run_form)
+    assert bad.status_code == 422
+    assert 'id="param.C-error"' in bad.text
+    assert "greater than 0" in bad.text
+    assert db_session.scalar(select(func.count()).select_from(TrainingRun)) == 0
+
+    good = client.post("/ui/runs/new", data={**run_form, "param.C": "0.5"}, follow_redirects=False)
+    assert good.status_code == 303
+    run = db_session.scalar(select(TrainingRun))
+    assert good.headers["location"] == f"/ui/runs/{run.id}"
+    assert run.params["C"] == 0.5
+    assert run.params["max_iter"] == 1000
+    assert run.params["class_weight"] == "balanced"
+    assert run.holdout == {"method": "hash", "fraction": 0.25, "seed": 0}
+    # A second submit of the same form (double click) does not start a second run.
+    again = client.post("/ui/runs/new", data={**run_form, "param.C": "0.5"}, follow_redirects=False)
+    assert again.headers["location"] == f"/ui/runs/{run.id}"
+    assert db_session.scalar(select(func.count()).select_from(TrainingRun)) == 1
+
+    detail = client.get(f"/ui/runs/{run.id}")
+    assert "Waiting for a training worker" in detail.text
+    assert f'hx-get="/ui/runs/{run.id}/progress?was=queued"' in detail.text
+    assert client.get("/ui/runs?status=queued&dataset=ui-runs").text.count(f"#{run.id}") == 1
+    assert client.get("/ui/runs?status=bogus").status_code == 422
+    cancelled = client.post(f"/ui/runs/{run.id}/cancel", data={"csrf_token": editor})
+    assert cancelled.status_code == 200  # followed to the run page
+    assert f"Run #{run.id} cancelled." in cancelled.text
+    progress = client.get(f"/ui/runs/{run.id}/progress?was=queued", headers={"HX-Request": "true"})
+    assert progress.headers["HX-Refresh"] == "true"  # finished: reload the whole page
+
+
+def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
+    client: TestClient, editor: str, db_session: Session, topics: tuple[str, str]
+) -> None:
+    for version in (1, 2):
+        registry.register_version(db_session, "ui-model", version, None, "models:/x", {})
+    db_session.commit()
+    form = {
+        "csrf_token": editor,
+        "name": "ui-scoring",
+        "input_topic": topics[0],
+        "output_topic": topics[1],
+        "key_field": "user",
+        "pool": "default",
+        "variants-0-name": "champion",
+        "variants-0-model": "ui-model",
+        "variants-0-version": "1",
+        "variants-0-weight": "90",
+        "reason": "first",
+    }
+    bad = client.post("/ui/deployments/_new", data=form)
+    assert bad.status_code == 422
+    assert "the weights of live variants must sum to 100, got 90" in bad.text
+    missing = client.post(
+        "/ui/deployments/_new", data={**form, "variants-0-weight": "100", "variants-0-version": "7"}
+    )
+    assert missing.status_code == 422
+    assert "model &#39;ui-model&#39; has no version 7" in missing.text
+
+    preview = client.post("/ui/deployments/_new", data={**form, "variants-0-weight": "100"})
+    assert preview.status_code == 200
+    assert "Create deployment ui-scoring" in preview.text
+    assert "diff-added" in preview.text
+    assert db_session.scalar(select(func.count()).select_from(Deployment)) == 0  # a dry run
+    applied = client.post(
+        "/ui/deployments/ui-scoring/apply",
+        data={
+            "csrf_token": editor,
+            "expected_revision": "",
+            "body": re.search(r'name="body" value="([^"]+)"', preview.text)[1].replace(
+                "&#34;", '"'
+            ),
+        },
+    )
+    assert applied.status_code == 200
+    assert "Revision 1 stored and published to scorers." in applied.text
+
+    edit = client.get("/ui/deployments/ui-scoring/edit?challenger=true")
+    assert 'value="challenger"' in edit.text
+    assert 'value="2"' in edit.text
+    change = {
+        **form,
+        "variants-0-weight": "90",
+        "variants-1-name": "challenger",
+        "variants-1-model": "ui-model",
+        "variants-1-version": "2",
+        "variants-1-weight": "10",
+        "reason": "add a challenger at 10%",
+    }
+    change.pop("name")
+    diff = client.post("/ui/deployments/ui-scoring/preview", data=change)
+    assert diff.status_code == 200
+    assert "diff-added" in diff.text
+    assert "diff-changed" in diff.text
+    assert "<strong>100%</strong>" in diff.text
+    assert "<strong>90%</strong>" in diff.text
+    body = re.search(r'name="body" value="([^"]+)"', diff.text)[1].replace("&#34;", '"')
+    stale = client.post(
+        "/ui/deployments/ui-scoring/apply",
+        data={"csrf_token": editor, "expected_revision": "7", "body": body},
+    )
+    assert "changed while you were reviewing" in stale.text
+    client.post(
+        "/ui/deployments/ui-scoring/apply",
+        data={"csrf_token": editor, "expected_revision": "1", "body": body},
+    )
+    detail = client.get("/ui/deployments/ui-scoring")
+    assert "Variants · revision 2" in detail.text
+    assert "Roll back to r1" in detail.text
+
+    confirm = client.post(
+        "/ui/deployments/ui-scoring/rollback/preview", data={"csrf_token": editor, "revision": "1"}
+    )
+    assert "Roll ui-scoring back to revision 1" in confirm.text
+    assert "diff-removed" in confirm.text
+    done = client.post(
+        "/ui/deployments/ui-scoring/rollback",
+        data={"csrf_token": editor, "expected_revision": "2", "rollback_to": "1", "reason": "oops"},
+    )
+    assert "Rolled back: revision 3 restores revision 1." in done.text
+    revisions = db_session.scalars(
+        select(DeploymentRevision.reason).order_by(DeploymentRevision.number)
+    ).all()
+    assert revisions == ["first", "add a challenger at 10%", "rollback to revision 1: oops"]
+
+    for fragment in ("live", "verdict", "drift", "rollout"):
+        response = client.get(
+            f"/ui/deployments/ui-scoring/{fragment}", headers={"HX-Request": "true"}
+        )
+        assert response.status_code == 200, (fragment, response.text)
+    assert "No traffic yet" in client.get("/ui/deployments/ui-scoring/live").text
+    assert "Nothing to compare" in client.get("/ui/deployments/ui-scoring/verdict").text
+    overview = client.get("/ui/")
+    assert "ui-scoring" in overview.text
+
+
+def test_ui_routes_stay_out_of_the_openapi_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not [p for p in paths if p == "/" or p.startswith("/ui")]
+
+
+def test_missing_vendored_assets_answer_503_with_the_fix(
+    client: TestClient, editor: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(templating, "STATIC_DIR", tmp_path)
+    response = client.get("/ui/datasets")
+    assert response.status_code == 503
+    assert "run `deploy/bootstrap.sh web`" in response.text
+    assert "htmx.min.js" in response.text

@@ -1,0 +1,206 @@
+// Carrara web UI: small progressive enhancements on server-rendered pages, and the live charts.
+// Every page works without this file; it adds busy states, form helpers and Chart.js drawing.
+(function () {
+  "use strict";
+
+  const PALETTE = ["#2f5bd3", "#e0802c", "#1f9d74", "#b4418e", "#6b7280", "#c0392b", "#7c5cd6"];
+  const carrara = (window.carrara = { charts: {}, updates: 0 });
+
+  // --- forms ---------------------------------------------------------------------------------
+
+  // A form with data-confirm asks first; one with data-busy disables its buttons once
+  // submitted (no double submits) and says why.
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (!(form instanceof HTMLFormElement)) return;
+    if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
+      event.preventDefault();
+      return;
+    }
+    if (!form.dataset.busy) return;
+    for (const button of form.querySelectorAll("button[type=submit]")) {
+      button.disabled = true;
+      button.dataset.label = button.textContent;
+      button.textContent = form.dataset.busy;
+    }
+  });
+  // Coming back with the browser's back button restores the buttons.
+  window.addEventListener("pageshow", () => {
+    for (const button of document.querySelectorAll("button[data-label]")) {
+      button.disabled = false;
+      button.textContent = button.dataset.label;
+    }
+  });
+
+  // Snapshot form: show the inputs of the chosen mode only.
+  function syncModes(root) {
+    for (const form of root.querySelectorAll("form")) {
+      const chosen = form.querySelector("input[data-toggles=mode]:checked");
+      if (!chosen) continue;
+      for (const block of form.querySelectorAll("[data-mode]")) {
+        block.hidden = block.dataset.mode !== chosen.value;
+      }
+    }
+  }
+  document.addEventListener("change", (event) => {
+    if (event.target.matches && event.target.matches("input[data-toggles=mode]")) syncModes(document);
+    if (event.target.matches && event.target.matches("[data-weight], .variants-editor input[type=checkbox]")) {
+      syncWeights(document);
+    }
+  });
+  document.addEventListener("input", (event) => {
+    if (event.target.matches && event.target.matches("[data-weight]")) syncWeights(document);
+  });
+
+  // Deployment editor: the live weights' total, which must be 100.
+  function syncWeights(root) {
+    const output = root.querySelector("#weight-total");
+    if (!output) return;
+    let total = 0;
+    for (const row of root.querySelectorAll(".variants-editor tbody tr")) {
+      const name = row.querySelector("input[name$='-name']");
+      const weight = row.querySelector("[data-weight]");
+      const shadow = row.querySelector("input[type=checkbox]");
+      if (!name || !name.value.trim() || (shadow && shadow.checked)) continue;
+      total += Number(weight.value || 0);
+    }
+    output.textContent = total + "%";
+    output.className = total === 100 ? "text-good" : "text-bad";
+  }
+
+  // --- live charts -----------------------------------------------------------------------------
+
+  const timeLabel = (iso) => {
+    const d = new Date(iso);
+    return isNaN(d) ? iso : d.toISOString().slice(11, 16);
+  };
+
+  function lineChart(canvas, yTitle, percent) {
+    return new window.Chart(canvas, {
+      type: "line",
+      data: { labels: [], datasets: [] },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        spanGaps: true,
+        interaction: { mode: "index", intersect: false },
+        plugins: {
+          legend: { position: "bottom", labels: { boxWidth: 10, font: { size: 11 } } },
+          tooltip: percent
+            ? { callbacks: { label: (c) => `${c.dataset.label}: ${(c.parsed.y * 100).toFixed(2)}%` } }
+            : {},
+        },
+        scales: {
+          x: { ticks: { maxTicksLimit: 7, font: { size: 10 } }, grid: { display: false } },
+          y: {
+            beginAtZero: true,
+            title: { display: Boolean(yTitle), text: yTitle, font: { size: 10 } },
+            ticks: {
+              font: { size: 10 },
+              callback: percent ? (v) => `${(v * 100).toFixed(v < 0.01 && v > 0 ? 2 : 0)}%` : undefined,
+            },
+          },
+        },
+      },
+    });
+  }
+
+  function barChart(canvas) {
+    return new window.Chart(canvas, {
+      type: "bar",
+      data: { labels: [], datasets: [] },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        plugins: {
+          legend: { position: "bottom", labels: { boxWidth: 10, font: { size: 11 } } },
+          tooltip: { callbacks: { label: (c) => `${c.dataset.label}: ${(c.parsed.y * 100).toFixed(1)}%` } },
+        },
+        scales: {
+          x: { ticks: { maxTicksLimit: 6, font: { size: 10 } }, grid: { display: false } },
+          y: { beginAtZero: true, ticks: { font: { size: 10 }, callback: (v) => `${Math.round(v * 100)}%` } },
+        },
+      },
+    });
+  }
+
+  function chartFor(key, data) {
+    if (carrara.charts[key]) return carrara.charts[key];
+    const canvas = document.querySelector(`canvas[data-chart=${key}]`);
+    if (!canvas || !window.Chart) return null;
+    const make = {
+      throughput: () => lineChart(canvas, data.throughput_unit, false),
+      latency: () => lineChart(canvas, "ms", false),
+      dead: () => lineChart(canvas, "", true),
+      quality: () => lineChart(canvas, "", data.quality_is_rate),
+      scores: () => barChart(canvas),
+    }[key];
+    carrara.charts[key] = make();
+    return carrara.charts[key];
+  }
+
+  function lineSet(label, values, color, dashed) {
+    return {
+      label,
+      data: values,
+      borderColor: color,
+      backgroundColor: color,
+      borderWidth: 2,
+      borderDash: dashed ? [5, 4] : [],
+      pointRadius: values.length < 30 ? 2 : 0,
+      tension: 0.25,
+    };
+  }
+
+  function drawLive() {
+    const holder = document.getElementById("live-data");
+    if (!holder || !window.Chart) return;
+    const data = JSON.parse(holder.textContent);
+    const labels = data.labels.map(timeLabel);
+    const routed = data.series.filter((s) => s.routed);
+    // A variant keeps its colour whatever the order (by name; "not routed" is grey).
+    const names = routed.map((s) => s.name).sort();
+    const colors = new Map(data.series.map((s) => [s.name, s.routed ? PALETTE[names.indexOf(s.name) % PALETTE.length] : "#9aa3af"]));
+    const name = (s) => (s.shadow ? `${s.name} (shadow)` : s.name);
+
+    const update = (key, datasets, chartLabels) => {
+      const chart = chartFor(key, data);
+      if (!chart) return;
+      chart.data.labels = chartLabels || labels;
+      chart.data.datasets = datasets;
+      chart.update("none");
+    };
+    update("throughput", routed.map((s) => lineSet(name(s), s.throughput, colors.get(s.name), s.shadow)));
+    update(
+      "latency",
+      routed.flatMap((s) => [
+        lineSet(`${name(s)} p50`, s.p50, colors.get(s.name), false),
+        lineSet(`${name(s)} p99`, s.p99, colors.get(s.name), true),
+      ]),
+    );
+    update("dead", data.series.map((s) => lineSet(name(s), s.dead_letter_rate, colors.get(s.name), s.shadow)));
+    update("quality", routed.map((s) => lineSet(name(s), s.quality, colors.get(s.name), s.shadow)));
+    update(
+      "scores",
+      routed
+        .filter((s) => s.scores.length)
+        .map((s) => ({ label: name(s), data: s.scores, backgroundColor: colors.get(s.name) + "cc" })),
+      data.score_bins,
+    );
+    const caption = document.getElementById("chart-quality-title");
+    if (caption) caption.textContent = data.quality_label;
+    carrara.updates += 1;
+    const charts = document.getElementById("charts");
+    if (charts) charts.dataset.updates = String(carrara.updates);
+  }
+
+  document.addEventListener("htmx:afterSettle", (event) => {
+    if (event.target && event.target.querySelector && event.target.querySelector("#live-data")) drawLive();
+  });
+  document.addEventListener("DOMContentLoaded", () => {
+    syncModes(document);
+    syncWeights(document);
+  });
+})();
