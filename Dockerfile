@@ -1,15 +1,26 @@
-# One image for every Carrara process: api, worker, scorer (and the MLflow server in compose).
-FROM python:3.11-slim AS base
+# One image for every Carrara process: api (+ web UI), worker, scorer, monitor, and the MLflow server.
+
+# The web UI's pinned JS (web/package-lock.json), copied to web/static/vendor; never a CDN.
+FROM node:20-slim AS web
+WORKDIR /app/web
+COPY web/package.json web/package-lock.json ./
+COPY web/scripts ./scripts
+RUN npm ci --no-audit --no-fund && npm run vendor
+
+FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md alembic.ini ./
 COPY platform ./platform
-RUN pip install .
-COPY alembic.ini ./
 COPY migrations ./migrations
+# Editable, so the package finds web/ and alembic.ini beside it, as in a checkout.
+RUN pip install -e .
+COPY web/templates ./web/templates
+COPY web/static ./web/static
+COPY --from=web /app/web/static/vendor ./web/static/vendor
 RUN useradd --create-home --uid 10001 carrara
 USER carrara
-EXPOSE 8000
+EXPOSE 8000 9400
 CMD ["uvicorn", "carrara.main:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -191,7 +191,12 @@ def sequential_test(
 
 def verdict_text(result: SequentialResult, champion_name: str, challenger_name: str) -> str:
     """Plain-language verdict, e.g. "challenger better, 97% confidence, n = 41,200 (...)"."""
-    who = f"challenger {challenger_name} vs. champion {champion_name}"
+    # Variants are often named after their roles; "challenger challenger" reads badly.
+    challenger = (
+        "challenger" if challenger_name == "challenger" else f"challenger {challenger_name}"
+    )
+    champion = "champion" if champion_name == "champion" else f"champion {champion_name}"
+    who = f"{challenger} vs. {champion}"
     if result.significant and result.better is not None:
         confidence = _percent(result.confidence)
         return f"{result.better} better, {confidence} confidence, n = {result.n:,} ({who})"
