@@ -311,7 +311,8 @@ def test_a_viewer_sees_no_edit_controls_and_is_refused_edits(
         "This needs the editor role; token &#39;ui-reader&#39; has the viewer role" in refused.text
     )
     assert client.get("/ui/datasets/_new").status_code == 403
-    assert db_session.scalar(select(func.count()).select_from(Dataset)) == 0
+    named_x = select(func.count()).select_from(Dataset).where(Dataset.name == "x")
+    assert db_session.scalar(named_x) == 0
 
 
 def test_every_form_post_of_the_ui_checks_the_csrf_token(client: TestClient, editor: str) -> None:
@@ -389,11 +390,18 @@ def test_the_run_form_is_generated_from_the_algorithms_and_validated_by_them(
     assert bad.status_code == 422
     assert 'id="param.C-error"' in bad.text
     assert "greater than 0" in bad.text
-    assert db_session.scalar(select(func.count()).select_from(TrainingRun)) == 0
+    ours = (
+        select(func.count())
+        .select_from(TrainingRun)
+        .where(TrainingRun.registered_model_name == "ui-runs-model")
+    )
+    assert db_session.scalar(ours) == 0
 
     good = client.post("/ui/runs/new", data={**run_form, "param.C": "0.5"}, follow_redirects=False)
     assert good.status_code == 303
-    run = db_session.scalar(select(TrainingRun))
+    run = db_session.scalar(
+        select(TrainingRun).where(TrainingRun.registered_model_name == "ui-runs-model")
+    )
     assert good.headers["location"] == f"/ui/runs/{run.id}"
     assert run.params["C"] == 0.5
     assert run.params["max_iter"] == 1000
@@ -402,7 +410,7 @@ def test_the_run_form_is_generated_from_the_algorithms_and_validated_by_them(
     # A second submit of the same form (double click) does not start a second run.
     again = client.post("/ui/runs/new", data={**run_form, "param.C": "0.5"}, follow_redirects=False)
     assert again.headers["location"] == f"/ui/runs/{run.id}"
-    assert db_session.scalar(select(func.count()).select_from(TrainingRun)) == 1
+    assert db_session.scalar(ours) == 1
 
     detail = client.get(f"/ui/runs/{run.id}")
     assert "Waiting for a training worker" in detail.text
@@ -448,7 +456,8 @@ def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
     assert preview.status_code == 200
     assert "Create deployment ui-scoring" in preview.text
     assert "diff-added" in preview.text
-    assert db_session.scalar(select(func.count()).select_from(Deployment)) == 0  # a dry run
+    dry = select(func.count()).select_from(Deployment).where(Deployment.name == "ui-scoring")
+    assert db_session.scalar(dry) == 0  # a dry run
     applied = client.post(
         "/ui/deployments/ui-scoring/apply",
         data={
@@ -506,7 +515,10 @@ def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
     )
     assert "Rolled back: revision 3 restores revision 1." in done.text
     revisions = db_session.scalars(
-        select(DeploymentRevision.reason).order_by(DeploymentRevision.number)
+        select(DeploymentRevision.reason)
+        .join(Deployment, Deployment.id == DeploymentRevision.deployment_id)
+        .where(Deployment.name == "ui-scoring")
+        .order_by(DeploymentRevision.number)
     ).all()
     assert revisions == ["first", "add a challenger at 10%", "rollback to revision 1: oops"]
 
