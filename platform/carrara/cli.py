@@ -130,46 +130,90 @@ def stack_exec(ctx: typer.Context) -> None:
 @app.command()
 def demo(
     once: Annotated[
-        bool, typer.Option("--once", help="Bring everything up, check readiness, stop, exit.")
+        bool,
+        typer.Option(
+            "--once",
+            help="Run both scenarios to completion, stop what was started, exit 0 only if every "
+            "step worked.",
+        ),
+    ] = False,
+    no_scenarios: Annotated[
+        bool,
+        typer.Option(
+            "--no-scenarios",
+            help="Only start the platform and check readiness (with --once: then stop).",
+        ),
+    ] = False,
+    keep_deployments: Annotated[
+        bool,
+        typer.Option("--keep-deployments", help="Leave the demo's deployments running at the end."),
     ] = False,
 ) -> None:
-    """Start the platform in the foreground and print where everything listens; Ctrl-C stops it."""
+    """Start the platform, run the fraud and vital-signs scenarios, keep streaming until Ctrl-C."""
     stack = _stack()
     settings = stack.settings
     started: list[str] = []
+    # SIGTERM stops the demo like Ctrl-C does, wherever it is (starting, training, streaming).
+    signal.signal(signal.SIGTERM, _interrupt)
+    ok = True
     try:
         for name in (*INFRASTRUCTURE, *APPLICATION):
             status = stack.up([name])[0]
             if status.started_now:
                 started.append(name)
         _print_endpoints(settings)
-        _print_admin_token(settings)
+        token = _admin_token(settings)
         ready = _readiness(settings)
-        if once:
-            raise typer.Exit(0 if ready else 1)
-        console.print(
-            "[bold]Carrara is running.[/bold] Press Ctrl-C to stop what this demo started."
-        )
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(1.0):
-                pass
-        except KeyboardInterrupt:
-            pass
+        if not ready:
+            raise typer.Exit(1)
+        if not no_scenarios:
+            from carrara.demo.runner import run_demo
+
+            scorers = sum(1 for name in APPLICATION if name.startswith("scorer-"))
+            ok = run_demo(
+                settings,
+                token,
+                once=once,
+                console=console,
+                scorers=scorers,
+                keep_deployments=keep_deployments,
+            )
+        elif not once:
+            console.print(
+                "[bold]Carrara is running.[/bold] Press Ctrl-C to stop what this demo started."
+            )
+            _wait_for_interrupt()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        ok = not once  # stopping the endless demo is how it ends; a cut-short --once failed
     except StackError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     finally:
+        # Let the clean-up finish: a second Ctrl-C must not leave processes behind.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if started:
             console.print("stopping what the demo started ...")
             stack.down(started)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    while not stop.wait(1.0):
+        pass
 
 
 def _print_endpoints(settings: Settings) -> None:
     table = Table(title="Carrara endpoints")
     table.add_column("what")
     table.add_column("where")
+    table.add_row("UI", f"{settings.api_url}/")
     table.add_row("API (OpenAPI docs)", f"{settings.api_url}/docs")
     table.add_row("Readiness", f"{settings.api_url}/readyz")
     table.add_row("MLflow UI", settings.mlflow_url)
@@ -182,26 +226,38 @@ def _print_endpoints(settings: Settings) -> None:
     console.print(table)
 
 
-def _print_admin_token(settings: Settings) -> None:
-    """Create the first admin token on a new stack; keep it (mode 0600) under the stack's home."""
+def _admin_token(settings: Settings) -> str:
+    """An admin token for the demo: the one kept under the stack's home if it still works,
+    else a new one (the first admin token on a new stack), kept there with mode 0600.
+
+    Like `carrara admin bootstrap`, this runs server-side: there is no token yet to call the API
+    with. Everything else the demo does goes through the public API.
+    """
     from sqlalchemy.orm import Session
 
-    from carrara.auth.service import bootstrap_admin
+    from carrara.auth.roles import Role
+    from carrara.auth.service import authenticate, bootstrap_admin, create_token
     from carrara.db import engine_for
+    from carrara.errors import Unauthorized
 
     token_file = settings.home / "admin-token"
+    secret = token_file.read_text().strip() if token_file.exists() else ""
     with Session(engine_for(settings.database_url)) as session, session.begin():
-        secret = bootstrap_admin(session, "demo-admin")
-    if secret is not None:
+        try:
+            usable = bool(secret) and authenticate(session, secret).role is Role.admin
+        except Unauthorized:
+            usable = False
+        if not usable:
+            secret = bootstrap_admin(session, "demo-admin") or ""
+            if not secret:  # admins exist, but this stack's token file is gone or revoked
+                _, secret = create_token(session, "demo", Role.admin, created_by=None)
+    if not usable:
+        token_file.parent.mkdir(parents=True, exist_ok=True)
         token_file.write_text(secret + "\n")
         token_file.chmod(0o600)
-    if token_file.exists():
-        console.print(
-            f"Admin token (also in {token_file}): [bold]{token_file.read_text().strip()}[/bold]"
-        )
-        console.print(f"  export CARRARA_TOKEN=$(cat {token_file})")
-    else:
-        console.print("An admin token exists already; create more with `carrara tokens create`.")
+    console.print(f"Admin token (also in {token_file}): [bold]{secret}[/bold]")
+    console.print(f"  export CARRARA_TOKEN=$(cat {token_file})")
+    return secret
 
 
 def _readiness(settings: Settings) -> bool:

@@ -15,12 +15,13 @@ counted late; one with no prediction at all, unmatched; one without a usable val
 Predictions still unjoined after two windows are removed and counted as expired (the second window
 is what lets a late outcome be recognised as late rather than unmatched).
 
-Known limit: an outcome consumed before its own prediction (outcomes normally arrive long after)
-counts as unmatched.
+An outcome read before its own prediction (after a restart, or while the prediction topic lags)
+is held, its partition not advanced, for up to 30 s before it counts as unmatched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -56,6 +57,8 @@ GROUP_ID = "carrara-monitor"
 # Clocks of scorers and outcome producers differ a little: an outcome may carry a timestamp
 # slightly before its prediction's.
 CLOCK_SKEW = timedelta(seconds=5)
+# How long an outcome whose prediction has not been read yet waits before it counts as unmatched.
+OUTCOME_GRACE = timedelta(seconds=30)
 
 
 @dataclass
@@ -299,11 +302,22 @@ class Monitor:
             self._count_inputs(inputs, deltas)
             if pending:
                 session.execute(insert(PendingPrediction).values(pending).on_conflict_do_nothing())
+            blocked: dict[tuple[str, int], int] = {}
             for message, names in outcomes:
+                position = (message.topic(), message.partition())
+                if position in blocked:
+                    continue  # keep the partition's order: nothing after a held outcome
+                if any(self._too_early(session, message, name) for name in names):
+                    blocked[position] = message.offset()
+                    continue
                 for name in names:
                     self._outcome(session, message, name, deltas)
             deltas.flush(session)
-            self._store_offsets(session, messages)
+            self._store_offsets(session, messages, blocked)
+        for (topic, partition), offset in blocked.items():
+            # Read the held outcome again in a later batch (its prediction may still be on the way).
+            with contextlib.suppress(KafkaException):
+                self._consumer.seek(TopicPartition(topic, partition, offset))
         self.batches += 1
 
     def _unseen(self, session: Session, messages: list[Message]) -> list[Message]:
@@ -319,11 +333,15 @@ class Monitor:
         }
         return [m for m in messages if m.offset() >= stored.get((m.topic(), m.partition()), -1)]
 
-    def _store_offsets(self, session: Session, messages: list[Message]) -> None:
+    def _store_offsets(
+        self, session: Session, messages: list[Message], blocked: dict[tuple[str, int], int]
+    ) -> None:
         nexts: dict[tuple[str, int], int] = {}
         for m in messages:
             key = (m.topic(), m.partition())
             nexts[key] = max(nexts.get(key, 0), m.offset() + 1)
+        for key, offset in blocked.items():
+            nexts[key] = offset  # the held outcome is not consumed yet
         stmt = insert(MonitorOffset).values(
             [{"topic": t, "partition": p, "next_offset": o} for (t, p), o in nexts.items()]
         )
@@ -411,6 +429,25 @@ class Monitor:
             drift = deltas.drift_for(name, feature, bucket, w.profile_version_id, len(counts))
             drift.counts = [a + b for a, b in zip(drift.counts, counts, strict=True)]
             drift.missing += len(values) - sum(counts)
+
+    def _too_early(self, session: Session, message: Message, name: str) -> bool:
+        """An outcome with no prediction yet, young enough that its prediction may still come.
+
+        Predictions and outcomes are separate topics: after a restart (or under lag) the monitor
+        can read an outcome before the prediction it answers. Such an outcome is held (its
+        partition is not advanced) for up to OUTCOME_GRACE before it counts as unmatched.
+        """
+        observed_at = datetime.fromtimestamp(message.timestamp()[1] / 1000, tz=UTC)
+        if datetime.now(UTC) - observed_at > OUTCOME_GRACE:
+            return False
+        try:
+            event = orjson.loads(message.value() or b"")
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(event, dict):
+            return False
+        w = self.watched[name]
+        return self._predictions_for(session, w, event, observed_at) is None
 
     def _outcome(self, session: Session, message: Message, name: str, deltas: Deltas) -> None:
         w = self.watched[name]

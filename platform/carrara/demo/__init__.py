@@ -1,0 +1,1 @@
+"""The two scenarios `carrara demo` runs through the public API: card fraud and patient vitals."""
