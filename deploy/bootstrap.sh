@@ -21,6 +21,7 @@ system_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
+  command -v curl >/dev/null || missing+=(curl)  # the README's snippets use it
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${missing[*]}"
     as_root apt-get update -qq
