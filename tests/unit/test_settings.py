@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -33,3 +35,13 @@ def test_production_accepts_real_secrets(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("CARRARA_SECRET_KEY", "x" * 40)
     monkeypatch.setenv("CARRARA_DATABASE_URL", "postgresql+psycopg://app:s3cret@db:5432/carrara")
     assert Settings().environment == "production"
+
+
+def test_the_readme_documents_every_setting(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    missing = [
+        f"CARRARA_{name.upper()}"
+        for name in Settings.model_fields
+        if f"CARRARA_{name.upper()}" not in readme
+    ]
+    assert missing == []
