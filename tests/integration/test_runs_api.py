@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
@@ -30,7 +31,7 @@ from carrara.models import (
     RegisteredModel,
     TrainingRun,
 )
-from carrara.outbox.relay import OutboxRelay
+from carrara.outbox.relay import OutboxRelay, celery_sender_for
 from carrara.settings import Settings
 from carrara.training import service
 from carrara.training.algorithms import validate_params
@@ -701,6 +702,7 @@ def test_the_relay_sends_the_task_only_once_the_run_is_visible_committed(
     editor_headers: dict[str, str],
     stack_settings: Settings,
     dataset: Dataset,
+    broker: redis.Redis,
 ) -> None:
     run_id = _start(client, editor_headers, dataset)
     task_id = f"run-{run_id}"
@@ -709,16 +711,37 @@ def test_the_relay_sends_the_task_only_once_the_run_is_visible_committed(
         assert outbox_rows(elsewhere, run_id) == []
         assert elsewhere.get(TrainingRun, run_id) is None
 
-    sent: list[tuple[str, dict[str, Any], str, str | None]] = []
-    relay = OutboxRelay(stack_settings.kafka_bootstrap, send_task=lambda *call: sent.append(call))
+    relay = OutboxRelay(
+        stack_settings.kafka_bootstrap,
+        send_task=celery_sender_for(_celery(stack_settings.redis_url)),
+    )
     relay.run_once(db_session)  # the relay in the transaction where the run exists
-    ours = [call for call in sent if call[2] == task_id]
-    assert ours == [("carrara.training.train_run", {"run_id": run_id}, task_id, "carrara")]
+    message = take_task_message(broker, task_id)  # really in Redis, then removed
+    assert message["headers"]["task"] == "carrara.training.train_run"
+    args, kwargs, _embed = orjson.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == ([], {"run_id": run_id})
     (row,) = outbox_rows(db_session, run_id)
     assert row.published_at is not None
     assert row.attempts == 0
     relay.run_once(db_session)
-    assert [call for call in sent if call[2] == task_id] == ours  # delivered once
+    time.sleep(0.5)
+    assert not any(  # delivered once: nothing more for this task
+        orjson.loads(raw)["headers"].get("id") == task_id
+        for raw in broker.lrange(CELERY_QUEUE, 0, -1)
+    )
+
+
+def _celery(broker_url: str) -> Celery:
+    """A real Celery client; against a dead broker it fails fast instead of retrying."""
+    app = Celery("relay-test", broker=broker_url)
+    app.conf.update(
+        task_publish_retry=False,
+        broker_connection_retry=False,
+        broker_connection_max_retries=0,
+        broker_connection_timeout=1,
+        broker_transport_options={"socket_connect_timeout": 1, "socket_timeout": 1},
+    )
+    return app
 
 
 def test_a_relay_that_cannot_reach_the_broker_keeps_the_task_for_later(
@@ -727,22 +750,23 @@ def test_a_relay_that_cannot_reach_the_broker_keeps_the_task_for_later(
     editor_headers: dict[str, str],
     stack_settings: Settings,
     dataset: Dataset,
+    broker: redis.Redis,
 ) -> None:
     run_id = _start(client, editor_headers, dataset)
-
-    def broker_down(name: str, kwargs: dict[str, Any], task_id: str, queue: str | None) -> None:
-        raise ConnectionError("redis is down")
-
-    OutboxRelay(stack_settings.kafka_bootstrap, send_task=broker_down).run_once(db_session)
+    # A real Redis client against a port where nothing listens: the connection is refused.
+    down = celery_sender_for(_celery("redis://127.0.0.1:1/0"))
+    OutboxRelay(stack_settings.kafka_bootstrap, send_task=down).run_once(db_session)
     (row,) = outbox_rows(db_session, run_id)
     assert row.published_at is None
     assert row.attempts == 1
-    assert "redis is down" in (row.last_error or "")
-    sent: list[tuple[str, dict[str, Any], str, str | None]] = []
-    OutboxRelay(stack_settings.kafka_bootstrap, send_task=lambda *c: sent.append(c)).run_once(
-        db_session
-    )
-    assert ("carrara.training.train_run", {"run_id": run_id}, f"run-{run_id}", "carrara") in sent
+    assert row.last_error
+    OutboxRelay(
+        stack_settings.kafka_bootstrap,
+        send_task=celery_sender_for(_celery(stack_settings.redis_url)),
+    ).run_once(db_session)
+    message = take_task_message(broker, f"run-{run_id}")
+    assert message["headers"]["task"] == "carrara.training.train_run"
+    assert outbox_rows(db_session, run_id)[0].published_at is not None
 
 
 def test_a_started_run_reaches_the_real_celery_broker(

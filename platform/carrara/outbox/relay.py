@@ -35,12 +35,22 @@ def wake() -> None:
 TaskSender = Callable[[str, dict[str, Any], str, str | None], None]
 
 
+def celery_sender_for(app: Any) -> TaskSender:
+    """A sender publishing through Celery app `app` (its broker, its serializer)."""
+
+    def send(name: str, kwargs: dict[str, Any], task_id: str, queue: str | None = None) -> None:
+        app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue)
+
+    return send
+
+
 def celery_sender(
     name: str, kwargs: dict[str, Any], task_id: str, queue: str | None = None
 ) -> None:
+    """Publish through the training workers' Celery app (the default)."""
     from carrara.training.worker import app
 
-    app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue)
+    celery_sender_for(app)(name, kwargs, task_id, queue)
 
 
 class OutboxRelay:
