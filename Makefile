@@ -24,9 +24,11 @@ $(VENV)/.installed: pyproject.toml
 test: bootstrap lint
 	$(BIN)/carrara stack exec -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## Ruff, the import contracts of docs/architecture.md (.importlinter), and the type checker.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .
