@@ -4,18 +4,17 @@ raise them: input drift per feature, and the automatic promotion / rollback poli
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carrara.models import Alert, FeatureDrift
+from carrara.monitoring.rules import feature_drift
+from carrara.monitoring.watched import Watched
 from carrara.outbox.service import enqueue_kafka
 from carrara.settings import Settings
-
-if TYPE_CHECKING:
-    from carrara.monitoring.monitor import Watched
 
 log = structlog.get_logger(__name__)
 # The same condition is not alerted again within this period.
@@ -69,13 +68,14 @@ def raise_alert(
 
 
 def check_drift(session: Session, settings: Settings, w: Watched) -> list[Alert]:
-    """PSI (and KS) of each feature's live values over the drift window vs. its training profile."""
-    from carrara.monitoring.statistics import ks_statistic, psi
+    """PSI (and KS) of each feature's live values over the drift window vs. its training profile.
 
+    A feature with fewer than `settings.drift_min_events` live values in the window is not judged.
+    """
     if w.profile_version_id is None or not w.profiles:
         return []
     since = datetime.now(UTC) - timedelta(seconds=settings.drift_window_s)
-    threshold = float((w.monitoring or {}).get("drift_psi_threshold") or 0.2)
+    threshold = w.config.drift_psi_threshold
     rows = session.scalars(
         select(FeatureDrift).where(
             FeatureDrift.deployment == w.name,
@@ -92,42 +92,29 @@ def check_drift(session: Session, settings: Settings, w: Watched) -> list[Alert]
         profile = w.profiles.get(feature)
         if profile is None or sum(counts) < settings.drift_min_events:
             continue
-        value = psi(profile["shares"], counts)
-        if value <= threshold:
+        result = feature_drift(profile, counts, threshold)
+        if not result.drifted or result.psi is None:
             continue
         details: dict[str, Any] = {
             "feature": feature,
-            "psi": round(value, 4),
+            "psi": round(result.psi, 4),
             "threshold": threshold,
-            "events": sum(counts),
+            "events": result.live_count,
             "window_s": settings.drift_window_s,
         }
-        if profile.get("kind") == "numeric":
-            details["ks"] = round(ks_statistic(profile["shares"], counts), 4)
+        if result.ks is not None:
+            details["ks"] = round(result.ks, 4)
         alert = raise_alert(
             session,
             settings,
             deployment=w.name,
             kind="drift",
             severity="warning",
-            message=f"input drift on '{feature}': PSI {value:.2f} > {threshold:.2f} "
-            f"over the last {settings.drift_window_s // 60} min ({sum(counts):,} events)",
+            message=f"input drift on '{feature}': PSI {result.psi:.2f} > {threshold:.2f} "
+            f"over the last {settings.drift_window_s // 60} min ({result.live_count:,} events)",
             details=details,
             fingerprint=f"drift:{w.name}:{feature}",
         )
         if alert is not None:
             raised.append(alert)
     return raised
-
-
-def check_alerts_and_policies(
-    session: Session, settings: Settings, watched: dict[str, Watched]
-) -> None:
-    for w in watched.values():
-        check_drift(session, settings, w)
-        if (w.monitoring or {}) and (w.monitoring or {}).get("outcomes_topic"):
-            try:
-                from carrara.monitoring.policies import apply_policies
-            except ImportError:
-                continue
-            apply_policies(session, settings, w)

@@ -19,8 +19,9 @@ from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentPut
 from carrara.models import Deployment, DeploymentRevision, JoinedOutcome
 from carrara.monitoring.alerts import raise_alert
-from carrara.monitoring.service import per_row_values
+from carrara.monitoring.rules import per_row_values
 from carrara.monitoring.statistics import sequential_test, verdict_text
+from carrara.monitoring.watched import Watched
 from carrara.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -46,7 +47,7 @@ def _values(
     return per_row_values(metric, task, scores, outcomes, correct)
 
 
-def apply_policies(session: Session, settings: Settings, watched: Any) -> str | None:
+def apply_policies(session: Session, settings: Settings, watched: Watched) -> str | None:
     """Promote or roll back at most one challenger of `watched`; returns the action taken."""
     deployment = session.scalar(
         select(Deployment).where(Deployment.name == watched.name).with_for_update()

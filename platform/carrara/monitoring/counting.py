@@ -1,0 +1,106 @@
+"""Counting the monitor's records that need no join: predictions (count, score and latency
+histograms, and the pending row awaiting an outcome), dead letters, and input values binned by the
+champion's training profile for drift."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from confluent_kafka import Message
+
+from carrara.monitoring.aggregates import Deltas, as_float, latency_bin, minute, score_bin
+from carrara.monitoring.statistics import bin_counts
+from carrara.monitoring.watched import Watched
+from carrara.streams.prediction_record import H_DEPLOYMENT, decode_prediction
+
+# Input values of one batch: (deployment, feature, minute) -> the values read.
+Inputs = defaultdict[tuple[str, str, datetime], list[Any]]
+
+
+def new_inputs() -> Inputs:
+    return defaultdict(list)
+
+
+def count_prediction(
+    message: Message, watched: dict[str, Watched], deltas: Deltas, pending: list[dict[str, Any]]
+) -> None:
+    """Count a prediction; keep it in `pending` (rows to insert) if its outcome will be joined."""
+    try:
+        p = decode_prediction(message.value() or b"")
+    except Exception:  # not a prediction record (e.g. another producer on the topic)
+        return
+    w = watched.get(p.deployment)
+    if w is None or w.output_topic != message.topic():
+        return
+    bucket = minute(p.scored_at_ms or message.timestamp()[1])
+    d = deltas.variant(p.deployment, p.variant, bucket)
+    d.shadow = p.shadow
+    d.model_version = p.model_version
+    d.predictions += 1
+    score = p.score if isinstance(p.score, float | int) else None
+    if isinstance(p.score, list) and p.score:
+        score = max(p.score)
+    if score is not None and math.isfinite(score):
+        d.score_sum += score
+        d.score_histogram[score_bin(score)] += 1
+    d.latency_histogram[latency_bin(p.latency_ms)] += 1
+    if w.outcomes_topic:
+        pending.append(
+            {
+                "deployment": p.deployment,
+                "source_topic": p.topic,
+                "source_partition": p.partition,
+                "source_offset": p.offset,
+                "variant": p.variant,
+                "entity_key": p.key,
+                "shadow": p.shadow,
+                "model_version": p.model_version,
+                "score": p.score,
+                "label": p.label,
+                "predicted_at": datetime.fromtimestamp((p.scored_at_ms or 0) / 1000, tz=UTC),
+            }
+        )
+
+
+def count_dead_letter(message: Message, name: str, deltas: Deltas) -> None:
+    """Count a dead letter if deployment `name` sent it (its topic may be shared)."""
+    headers = dict(message.headers() or [])
+    if headers.get(H_DEPLOYMENT, b"").decode(errors="replace") != name:
+        return
+    deltas.variant(name, "-", minute(message.timestamp()[1])).dead_letters += 1
+
+
+def collect_input(
+    message: Message, names: set[str], watched: dict[str, Watched], inputs: Inputs
+) -> None:
+    """Keep the profiled features' values of an input event, per deployment and minute."""
+    try:
+        event = orjson.loads(message.value() or b"")
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(event, dict):
+        return
+    bucket = minute(message.timestamp()[1])
+    for name in names:
+        for feature in watched[name].profiles:
+            inputs[(name, feature, bucket)].append(event.get(feature))
+
+
+def count_inputs(inputs: Inputs, watched: dict[str, Watched], deltas: Deltas) -> None:
+    """Count the batch's input values in the training profile's bins, per feature."""
+    for (name, feature, bucket), values in inputs.items():
+        w = watched[name]
+        profile = w.profiles[feature]
+        if w.profile_version_id is None:
+            continue
+        if profile.get("kind") != "category":
+            values = [as_float(v) if v is not None else math.nan for v in values]
+            values = [math.nan if v is None else v for v in values]
+        counts = list(bin_counts(profile, values))
+        drift = deltas.drift_for(name, feature, bucket, w.profile_version_id, len(counts))
+        drift.counts = [a + b for a, b in zip(drift.counts, counts, strict=True)]
+        drift.missing += len(values) - sum(counts)
