@@ -59,7 +59,7 @@ def next_cursor(ids: list[int], limit: int) -> str | None:
 
 def paginate(
     session: Session,
-    stmt: Select[tuple[M]],
+    stmt: Select[M],
     id_column: InstrumentedAttribute[int],
     params: PageParams,
     *,

@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     # Alerts (drift, automatic promotions and rollbacks) are published here and kept in Postgres.
     alerts_topic: str = "carrara.alerts"
     # The monitor raises a drift alert when a feature's PSI over this window exceeds the threshold.
-    drift_window_s: int = Field(900, ge=60, le=86_400)
-    drift_min_events: int = Field(200, ge=1)
+    drift_window_s: int = Field(default=900, ge=60, le=86_400)
+    drift_min_events: int = Field(default=200, ge=1)
     # Celery queue training tasks are sent to (and workers consume).
     training_queue: str = "carrara"
     # A running run whose worker has not written a heartbeat for this long is considered lost:
@@ -72,16 +72,16 @@ class Settings(BaseSettings):
     # The streaming scorer (`carrara-scorer`).
     scorer_instance_id: str = ""  # default: the host name (stable pod names give static membership)
     scorer_delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
-    scorer_batch_size: int = Field(1000, ge=1, le=100_000)
-    scorer_batch_ms: int = Field(20, ge=1, le=60_000)
-    scorer_max_event_bytes: int = Field(1_000_000, ge=1)
+    scorer_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    scorer_batch_ms: int = Field(default=20, ge=1, le=60_000)
+    scorer_max_event_bytes: int = Field(default=1_000_000, ge=1)
     scorer_metrics_port: int = 9400
     scorer_status_interval_s: float = 10.0
     # Static group membership (group.instance.id = instance id) keeps partitions through a quick
     # restart, but a static member does not leave the group on shutdown: enable it only where
     # instance ids are stable (a StatefulSet), never with pods that get new names.
     scorer_static_membership: bool = False
-    scorer_session_timeout_ms: int = Field(10_000, ge=6_000, le=300_000)
+    scorer_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=300_000)
 
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""

@@ -396,7 +396,7 @@ def _metrics(ctx: DemoContext, live: FraudLive) -> None:
 
 def metrics_table(metrics: dict[str, Any], deployment: dict[str, Any]) -> Table:
     """Per-variant totals as a table: traffic, latency and the live quality metrics."""
-    spec = deployment.get("spec") or {"variants": []}
+    spec: dict[str, Any] = deployment.get("spec") or {"variants": []}
     variants = {v["name"]: v for v in spec["variants"]}
     champion = (spec.get("monitoring") or {}).get("champion")
     table = Table(

@@ -96,6 +96,8 @@ class VitalsLive:
         self.alerts_printed += 1
         if self.alert_lines is not None and self.alerts_printed > self.alert_lines:
             return
+        # An anomaly detector's score is one number (a list only for multiclass models).
+        score = prediction.score if isinstance(prediction.score, float) else 0.0
         why = (
             f"[dim](injected: {reading.episode})[/dim]"
             if reading.episode
@@ -104,7 +106,7 @@ class VitalsLive:
         self.ctx.console.print(
             f"    [bold red]ALERT[/bold red]: patient {reading.patient_id} — "
             f"{escape(describe_vitals(reading.event))} — alert the doctor "
-            f"[dim]score {float(prediction.score or 0):.2f}[/dim] {why}"
+            f"[dim]score {score:.2f}[/dim] {why}"
         )
 
     @property

@@ -75,9 +75,9 @@ def fetch_version(client: MlflowClient, name: str, version: int) -> MlflowVersio
     what = f"version {version} of model '{name}'"
     mv = _call(what, lambda: client.get_model_version(name, str(version)))
     metrics: dict[str, float] = {}
-    if mv.run_id:
+    if run_id := mv.run_id:
         try:
-            run = _call(f"run {mv.run_id}", lambda: client.get_run(mv.run_id))
+            run = _call(f"run {run_id}", lambda: client.get_run(run_id))
             # JSON (and so JSONB) has no NaN or infinity; such metrics carry no information.
             metrics = {k: v for k, v in run.data.metrics.items() if math.isfinite(v)}
         except NotFound:

@@ -237,7 +237,7 @@ class DecodedEvents:
     numeric: np.ndarray  # (rows, numeric features) float64, NaN = missing
     categories: dict[str, list[Any]]  # raw values per category feature (None = missing)
     labels: list[Any] | np.ndarray | None  # raw class values; float64 array for regression
-    keys: list[str]  # entity keys, as strings (None for a keyless event when not training)
+    keys: list[str | None]  # entity keys, as strings (None for a keyless event when not training)
     event_times: np.ndarray | None  # epoch milliseconds, float64
     partitions: np.ndarray  # int32
     offsets: np.ndarray  # int64
@@ -275,7 +275,7 @@ class EventDecoder:
         self._labels: list[Any] = []
         regression = self._c.label_getter is not None and self.schema.task is Task.regression
         self._regression = _Buffer(np.float64, expected_rows if regression else 0)
-        self._keys: list[str] = []
+        self._keys: list[str | None] = []
         self._times = _Buffer(np.float64, expected_rows if self._c.time_getter else 0)
         self._partitions = _Buffer(np.int32, expected_rows)
         self._offsets = _Buffer(np.int64, expected_rows)
@@ -283,8 +283,8 @@ class EventDecoder:
     def add_batch(
         self,
         values: Sequence[bytes | None],
-        partitions: Sequence[int],
-        offsets: Sequence[int],
+        partitions: Sequence[int] | np.ndarray,
+        offsets: Sequence[int] | np.ndarray,
     ) -> None:
         """Decode one batch of raw event values (with where each came from)."""
         c = self._c
@@ -339,7 +339,10 @@ class EventDecoder:
                 self._labels.extend(map(c.label_getter, events))
 
     def _decode_one_by_one(
-        self, values: Sequence[bytes | None], partitions: Sequence[int], offsets: Sequence[int]
+        self,
+        values: Sequence[bytes | None],
+        partitions: Sequence[int] | np.ndarray,
+        offsets: Sequence[int] | np.ndarray,
     ) -> tuple[list[Any], np.ndarray, np.ndarray]:
         decode = self._c.decode
         events: list[Any] = []

@@ -7,8 +7,9 @@ the producer) before a training run fails hours later on the same mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -156,7 +157,8 @@ class _FieldRule:
     # Features may be null (a missing value, which trainers impute); keys, times and labels not
     # (except the optional label of an anomaly dataset).
     nullable: bool
-    problems: dict[str, list[Any]] = field(default_factory=dict)  # reason -> [count, example]
+    # reason -> [count, example]
+    problems: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     bad_events: int = 0
 
     def observe(self, event: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from carrara.streams.client_config import consumer_config
+from carrara.streams.consumed import position as consumed_position
 from carrara.streams.snapshot import PartitionRange
 
 # Records per consume() call: batching is what makes the Python client fast (shared/NOTES.md).
@@ -212,12 +213,12 @@ def _records_only(
         if error is None:
             records.append(msg)
             continue
-        p = msg.partition()
         if error.code() != KafkaError._PARTITION_EOF:
-            raise ReplayError(_describe_error(topic, p, error))
+            raise ReplayError(_describe_error(topic, msg.partition(), error))
+        _, p, offset = consumed_position(msg)
         # The log ends here for now: finished if the end was reached, otherwise later offsets
         # are not readable yet (an open transaction holds them back): wait, bounded.
-        if p in position and msg.offset() >= ends[p]:
+        if p in position and offset >= ends[p]:
             finished.add(p)
     return records
 

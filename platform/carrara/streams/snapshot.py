@@ -25,6 +25,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from carrara.streams.client_config import consumer_config
+from carrara.streams.consumed import position
 from carrara.streams.topics import TopicAdmin
 
 # offsets_for_times answers -1 for a partition with no record at or after the timestamp.
@@ -308,19 +309,19 @@ def read_recent_events(
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             for msg in consumer.consume(num_messages=500, timeout=0.05):
-                p = msg.partition()
                 error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.pop(p, None)
-                        continue
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
                     raise KafkaException(error)
-                if p not in pending or msg.offset() >= pending[p]:
+                _, p, offset = position(msg)
+                if error is not None:  # the end of the partition
+                    pending.pop(p, None)
+                    continue
+                if p not in pending or offset >= pending[p]:
                     pending.pop(p, None)
                     continue
                 kind, stamp = msg.timestamp()
-                events.append(SampledEvent(p, msg.offset(), stamp if kind else None, msg.value()))
-                if msg.offset() + 1 >= pending[p]:
+                events.append(SampledEvent(p, offset, stamp if kind else None, msg.value()))
+                if offset + 1 >= pending[p]:
                     pending.pop(p, None)
         if pending:
             raise KafkaException(

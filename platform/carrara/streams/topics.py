@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from confluent_kafka import KafkaError, KafkaException
+
+# confluent_kafka.admin re-exports these on purpose ("accessible using this public module") but
+# without `__all__`, which a type checker reads as private.
 from confluent_kafka.admin import (
     AdminClient,
-    AlterConfigOpType,
-    ConfigEntry,
-    ConfigResource,
-    NewTopic,
+    AlterConfigOpType,  # pyright: ignore[reportPrivateImportUsage]
+    ConfigEntry,  # pyright: ignore[reportPrivateImportUsage]
+    ConfigResource,  # pyright: ignore[reportPrivateImportUsage]
+    NewTopic,  # pyright: ignore[reportPrivateImportUsage]
 )
 
 from carrara.streams.client_config import admin_config

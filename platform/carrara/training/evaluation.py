@@ -32,6 +32,10 @@ from sklearn.metrics import (
 
 from carrara.streams.event_schema import Task
 
+# An undefined precision, recall or F1 (nothing predicted or nothing true) counts as 0, silently.
+# sklearn's metrics are unannotated: a type checker reads `str` from their "warn" default.
+_ZERO_DIVISION: Any = 0
+
 Metrics = dict[str, float | int | None]
 # Probabilities are clipped here for the baseline's log loss: a class absent from the training
 # labels has prior 0, which would make the log loss infinite.
@@ -120,9 +124,9 @@ def _binary(true: np.ndarray, score: np.ndarray, threshold: float) -> Metrics:
         "auc": _auc(true, score),
         "log_loss": _f(log_loss(true, np.clip(score, 0.0, 1.0), labels=[0, 1])),
         "accuracy": _f(accuracy_score(true, predicted)),
-        "f1": _f(f1_score(true, predicted, zero_division=0)),
-        "precision": _f(precision_score(true, predicted, zero_division=0)),
-        "recall": _f(recall_score(true, predicted, zero_division=0)),
+        "f1": _f(f1_score(true, predicted, zero_division=_ZERO_DIVISION)),
+        "precision": _f(precision_score(true, predicted, zero_division=_ZERO_DIVISION)),
+        "recall": _f(recall_score(true, predicted, zero_division=_ZERO_DIVISION)),
     }
 
 
@@ -181,12 +185,18 @@ def _multiclass(true: np.ndarray, scores: np.ndarray) -> Metrics:
         "auc_ovr": float(np.mean(aucs)) if aucs else None,
         "log_loss": _f(log_loss(true, scores, labels=list(range(classes)))),
         "accuracy": _f(accuracy_score(true, predicted)),
-        "f1_macro": _f(f1_score(true, predicted, labels=present, average="macro", zero_division=0)),
+        "f1_macro": _f(
+            f1_score(true, predicted, labels=present, average="macro", zero_division=_ZERO_DIVISION)
+        ),
         "precision_macro": _f(
-            precision_score(true, predicted, labels=present, average="macro", zero_division=0)
+            precision_score(
+                true, predicted, labels=present, average="macro", zero_division=_ZERO_DIVISION
+            )
         ),
         "recall_macro": _f(
-            recall_score(true, predicted, labels=present, average="macro", zero_division=0)
+            recall_score(
+                true, predicted, labels=present, average="macro", zero_division=_ZERO_DIVISION
+            )
         ),
     }
 
@@ -254,8 +264,8 @@ def anomaly_metrics(y_true: Any, scores: Any, *, threshold: float) -> Metrics:
     flagged = alerts[labeled].astype(np.int64)
     anomaly_rate = _f(true.mean())
     alert_rate = _f(flagged.mean())
-    precision = _f(precision_score(true, flagged, zero_division=0))
-    recall = _f(recall_score(true, flagged, zero_division=0))
+    precision = _f(precision_score(true, flagged, zero_division=_ZERO_DIVISION))
+    recall = _f(recall_score(true, flagged, zero_division=_ZERO_DIVISION))
     # Random alerts at the same rate: expected precision = anomaly rate, recall = alert rate.
     baseline_precision, baseline_recall = anomaly_rate, alert_rate
     baseline_f1 = (
@@ -271,7 +281,7 @@ def anomaly_metrics(y_true: Any, scores: Any, *, threshold: float) -> Metrics:
             "baseline_precision": baseline_precision,
             "recall": recall,
             "baseline_recall": baseline_recall,
-            "f1": _f(f1_score(true, flagged, zero_division=0)),
+            "f1": _f(f1_score(true, flagged, zero_division=_ZERO_DIVISION)),
             "baseline_f1": baseline_f1,
             "auc": auc,
             "baseline_auc": None if auc is None else 0.5,

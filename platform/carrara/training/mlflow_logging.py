@@ -27,6 +27,7 @@ import mlflow
 import numpy as np
 import orjson
 from mlflow import MlflowClient
+from mlflow.data import numpy_dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.models import infer_signature
 
@@ -184,15 +185,22 @@ def _log_native_model(trained: TrainedModel, input_example: np.ndarray) -> Any:
         "input_example": input_example,
         "pip_requirements": PIP_REQUIREMENTS[trained.flavor],
     }
+    # Flavours import on first use (as `mlflow.<flavour>` would), named so a type checker sees them.
     if trained.flavor == "lightgbm":
-        return mlflow.lightgbm.log_model(
+        import mlflow.lightgbm as mlflow_lightgbm
+
+        return mlflow_lightgbm.log_model(
             trained.estimator,
             skops_trusted_types=trusted_skops_types(trained.estimator),
             **common,
         )
     if trained.flavor == "xgboost":
-        return mlflow.xgboost.log_model(trained.estimator, **common)
-    return mlflow.sklearn.log_model(
+        import mlflow.xgboost as mlflow_xgboost
+
+        return mlflow_xgboost.log_model(trained.estimator, **common)
+    import mlflow.sklearn as mlflow_sklearn
+
+    return mlflow_sklearn.log_model(
         trained.estimator, skops_trusted_types=trusted_skops_types(trained.estimator), **common
     )
 
@@ -247,7 +255,7 @@ def log_and_register(
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         source = KafkaSnapshotSource(lineage.topic, lineage.offsets)
         mlflow.log_input(
-            mlflow.data.from_numpy(
+            numpy_dataset.from_numpy(
                 holdout_x[:0] if len(holdout_x) == 0 else holdout_x[:1000],
                 source=source,
                 name=f"{lineage.dataset}@v{lineage.dataset_version}",

@@ -58,14 +58,15 @@ def _python_typed_attributes() -> Iterator[None]:
         cleaned = {k: v if k in keep else _pythonic(v) for k, v in attrs.items()}
         return original(self, *args, **cleaned)
 
-    ModelComponentContainer.add_node = add_node  # type: ignore[method-assign]
+    ModelComponentContainer.add_node = add_node
     try:
         yield
     finally:
-        ModelComponentContainer.add_node = original  # type: ignore[method-assign]
+        ModelComponentContainer.add_node = original
 
 
 def _convert_sklearn(trained: TrainedModel) -> bytes:
+    from onnx import ModelProto
     from skl2onnx import to_onnx
 
     sample = np.zeros((1, trained.n_features), dtype=np.float32)
@@ -75,6 +76,8 @@ def _convert_sklearn(trained: TrainedModel) -> bytes:
         options = {id(final): {"zipmap": False}}
     with _python_typed_attributes():
         onx = to_onnx(trained.estimator, sample, options=options, target_opset=17)
+    if not isinstance(onx, ModelProto):  # a tuple or an estimator only when asked for those
+        raise TypeError(f"skl2onnx returned {type(onx).__name__}, not an ONNX model")
     return onx.SerializeToString()
 
 

@@ -29,12 +29,12 @@ class Holdout(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["hash", "time"] = Field(
-        "hash",
+        default="hash",
         description="`hash`: a stable hash of the key field picks the holdout entities; "
         "`time`: the latest events by event time (needs the dataset's event-time field).",
     )
-    fraction: float = Field(0.2, gt=0, lt=1, description="Share of events held out.")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="Salt of the `hash` method.")
+    fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of events held out.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Salt of the `hash` method.")
 
 
 class RunCreate(BaseModel):

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import structlog
@@ -225,7 +225,8 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
         "fraction": job.holdout.get("fraction", 0.2),
         "seed": job.holdout.get("seed", 0),
     }
-    mask = holdout_mask(holdout, keys=decoded.keys, event_times=decoded.event_times)
+    keys = cast("list[str]", decoded.keys)  # a training decoder turns every key into text
+    mask = holdout_mask(holdout, keys=keys, event_times=decoded.event_times)
     spec = fit_feature_spec(decoded, ~mask)
     features = spec.transform(decoded)
     labels = spec.encode_labels(decoded)
@@ -243,7 +244,7 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
     if job.algorithm == "auto":
         from carrara.training.automl import search
 
-        train_keys = [k for k, held in zip(decoded.keys, mask, strict=True) if not held]
+        train_keys = [k for k, held in zip(keys, mask, strict=True) if not held]
         valid = holdout_by_key(train_keys, 0.2, f"automl-{job.params['seed']}")
         assert train_y is not None
         result = search(

@@ -68,7 +68,7 @@ class TrainedModel:
 
     def feature_importances(self) -> np.ndarray | None:
         """Importance per input column where the family defines one (normalised to sum 1)."""
-        final = self.estimator[-1] if isinstance(self.estimator, Pipeline) else self.estimator
+        final: Any = self.estimator[-1] if isinstance(self.estimator, Pipeline) else self.estimator
         values = getattr(final, "feature_importances_", None)
         if values is None and hasattr(final, "coef_"):
             values = np.abs(np.atleast_2d(final.coef_)).mean(axis=0)
