@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: bootstrap system web test lint format demo stack-up stack-down stack-status clean
+.PHONY: bootstrap system web test unit lint typecheck format demo stack-up stack-down stack-status clean
 
 bootstrap: system $(VENV)/.installed web
 
@@ -24,11 +24,19 @@ $(VENV)/.installed: pyproject.toml
 test: bootstrap lint
 	$(BIN)/carrara stack exec -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## The fast tests: pure logic, no service needed (seconds, not minutes).
+unit: $(VENV)/.installed
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
 ## Ruff, the import contracts of docs/architecture.md (.importlinter), and the type checker.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+
+## basedpyright (basic mode, [tool.basedpyright] in pyproject.toml) over platform/carrara.
+typecheck: $(VENV)/.installed
+	$(BIN)/basedpyright
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .
