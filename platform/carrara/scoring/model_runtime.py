@@ -1,7 +1,7 @@
 """Load a registered model version from the MLflow server, validate it, and score whole batches.
 
-Runtimes, in order of preference (NOTES.md: ONNX Runtime is ~5-20x faster per batch here and
-loads in ~0.4 s cold against ~3 s for the sklearn flavor):
+Runtimes, in order of preference (benchmarks/RESULTS.md: ONNX Runtime is ~5-20x faster per
+batch here and loads in ~0.4 s cold against ~3 s for the sklearn flavor):
 
 - `onnx`: the version's ONNX artifact, when training tagged it as parity-checked
   (`carrara.onnx_artifact`), run by ONNX Runtime on one intra-op thread;
@@ -19,8 +19,8 @@ Everything is fetched over HTTP from the MLflow server (registry, run and logged
 scorers share no disk with it. Artifact URIs in version tags are accepted only as `runs:/` or
 `mlflow-artifacts:` URIs, so a tag cannot send a scorer to another store or a local path.
 
-This module must not import `carrara.training` or the database (ARCHITECTURE.md): the few lines of
-the autoencoder's score are repeated here.
+This module must not import `carrara.training` or the database (docs/architecture.md): the few
+lines of the autoencoder's score are repeated here.
 """
 
 from __future__ import annotations

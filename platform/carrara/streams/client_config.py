@@ -1,6 +1,6 @@
 """librdkafka configuration for Carrara's consumers, producers and admin clients.
 
-The tuned values come from measurements on this machine (shared/NOTES.md): with librdkafka's
+The tuned values come from measurements on this machine (benchmarks/RESULTS.md): with librdkafka's
 defaults consuming was ~30x slower than with larger fetches and batched `consume()` calls.
 """
 

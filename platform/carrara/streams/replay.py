@@ -23,7 +23,7 @@ from carrara.streams.client_config import consumer_config
 from carrara.streams.consumed import position as consumed_position
 from carrara.streams.snapshot import PartitionRange
 
-# Records per consume() call: batching is what makes the Python client fast (shared/NOTES.md).
+# Records per consume() call: batching is what makes the Python client fast (benchmarks/RESULTS.md).
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_IDLE_TIMEOUT = 60.0
 # How long one consume() call may wait; bounds how late the idle timeout is noticed.

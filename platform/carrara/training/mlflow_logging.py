@@ -36,8 +36,8 @@ from carrara.training.trainers import TrainedModel
 
 ONNX_ARTIFACT = "onnx/model.onnx"
 MODEL_CARD_ARTIFACT = "carrara_model.json"
-# Pinned requirements: inferring them costs 7-10 s per model (NOTES.md), and the scorer image has
-# these libraries anyway.
+# Pinned requirements: inferring them costs 7-10 s per model (benchmarks/RESULTS.md), and the
+# scorer image has these libraries anyway.
 PIP_REQUIREMENTS = {
     "sklearn": ["scikit-learn", "numpy"],
     "lightgbm": ["lightgbm", "scikit-learn", "numpy"],
