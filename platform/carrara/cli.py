@@ -43,7 +43,8 @@ err_console = Console(stderr=True)
 ServiceNames = Annotated[
     list[str] | None,
     typer.Argument(
-        help=f"Services (default: {' '.join(INFRASTRUCTURE)}; also {' '.join(APPLICATION)})"
+        help=f"Services (default: {' '.join(INFRASTRUCTURE)}; also {' '.join(APPLICATION)}). "
+        "`up` starts what the named services need first."
     ),
 ]
 
@@ -158,9 +159,7 @@ def demo(
     ok = True
     try:
         for name in (*INFRASTRUCTURE, *APPLICATION):
-            status = stack.up([name])[0]
-            if status.started_now:
-                started.append(name)
+            started += [s.name for s in stack.up([name]) if s.started_now]
         _print_endpoints(settings)
         token = _admin_token(settings)
         ready = _readiness(settings)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -87,3 +89,46 @@ def test_a_port_taken_by_a_foreign_process_is_reported_not_stolen(tmp_path: Path
     assert result.returncode == 1
     assert f"port {port} is already in use" in result.stderr
     assert "CARRARA_REDIS_PORT" in result.stderr
+
+
+def test_up_of_an_app_service_starts_what_it_needs_first() -> None:
+    """`stack up api worker` with no Postgres running starts Postgres (then Redis, ...) before
+    the API's migration, instead of failing with the migration's traceback.
+
+    Redis's port is held by a foreign process, so the start stops right after Postgres: cheap, and
+    it shows the order (Postgres first and healthy, the API never prepared).
+    """
+    # Postgres runs as the `postgres` user, who cannot enter pytest's private tmp_path.
+    home = Path(tempfile.mkdtemp(prefix="carrara-stack-home-"))
+    home.chmod(0o755)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        redis_port = squatter.getsockname()[1]
+        env = {
+            "CARRARA_HOME": str(home),
+            "CARRARA_PG_PORT": str(_free_port()),
+            "CARRARA_REDIS_PORT": str(redis_port),
+            "CARRARA_KAFKA_PORT": str(_free_port()),
+            "CARRARA_MLFLOW_PORT": str(_free_port()),
+            "CARRARA_API_PORT": str(_free_port()),
+        }
+        try:
+            result = _carrara("stack", "up", "api", "worker", env=env)
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "PostgreSQL is up" in result.stderr, result.stderr
+            assert f"port {redis_port} is already in use" in result.stderr
+            assert "migration" not in result.stderr
+            assert "Traceback" not in result.stderr
+            status = {
+                s["name"]: s
+                for s in orjson.loads(_carrara("stack", "status", "--json", env=env).stdout)
+            }
+            assert status["postgres"]["healthy"]
+            assert not status["api"]["running"]
+            assert not status["worker"]["running"]
+        finally:
+            down = _carrara("stack", "down", env=env)
+            shutil.rmtree(home, ignore_errors=True)
+    assert down.returncode == 0, down.stderr
+    assert "postgres" in down.stdout

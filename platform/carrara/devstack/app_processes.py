@@ -23,9 +23,16 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[3]
 
 
+# Carrara's processes and what each needs running first.
+NEEDS_ALL_INFRASTRUCTURE = ("postgres", "redis", "kafka", "mlflow")
+
+
 class ApiService(Service):
     name = "api"
     label = "Control plane (API + UI)"
+    # Migrations and every request need Postgres; the outbox relays to Redis (Celery) and Kafka;
+    # model registration talks to MLflow.
+    requires = NEEDS_ALL_INFRASTRUCTURE
 
     @property
     def port(self) -> int:
@@ -72,6 +79,8 @@ class ApiService(Service):
 class WorkerService(Service):
     name = "worker"
     label = "Training worker (Celery)"
+    # Tasks come from Redis; a run replays Kafka, logs to MLflow and records its state in Postgres.
+    requires = NEEDS_ALL_INFRASTRUCTURE
 
     @property
     def port(self) -> int:
@@ -111,6 +120,8 @@ class ScorerService(Service):
     """A streaming scorer of the `default` pool; the demo runs two (one consumer group)."""
 
     label = "Scorer"
+    # Deployments and events come from Kafka, models from MLflow; a scorer never uses Postgres.
+    requires = ("kafka", "mlflow")
 
     def __init__(self, settings: Settings, index: int) -> None:
         super().__init__(settings)
@@ -157,6 +168,8 @@ class ScorerService(Service):
 class MonitorService(Service):
     name = "monitor"
     label = "Monitor (outcomes, live metrics, drift)"
+    # Reads Kafka; aggregates, offsets and deployment revisions live in Postgres.
+    requires = ("postgres", "kafka")
 
     @property
     def port(self) -> int:

@@ -78,6 +78,17 @@ class Stack:
             raise StackError(f"unknown service(s) {', '.join(unknown)}; known: {known}")
         return [svc for name, svc in self.services.items() if name in wanted]
 
+    def with_requirements(self, names: Iterable[str] | None) -> list[Service]:
+        """`select(names)` plus every service they need (transitively), in start order."""
+        wanted = {svc.name for svc in self.select(names)}
+        pending = list(wanted)
+        while pending:
+            for required in self.services[pending.pop()].requires:
+                if required not in wanted:
+                    wanted.add(required)
+                    pending.append(required)
+        return self.select(wanted)
+
     def status_of(self, svc: Service, started_now: bool = False) -> ServiceStatus:
         proc = self.registry.find(svc.name)
         return ServiceStatus(
@@ -95,8 +106,10 @@ class Stack:
         return [self.status_of(svc) for svc in self.select(names or self.services)]
 
     def up(self, names: Iterable[str] | None = None) -> list[ServiceStatus]:
-        """Start what is not running yet and wait until every service answers."""
-        return [self._up_one(svc) for svc in self.select(names)]
+        """Start what is not running yet, the services the named ones need first, and wait until
+        every one answers. Returns the status of each service started or checked, in start order.
+        """
+        return [self._up_one(svc) for svc in self.with_requirements(names)]
 
     def _up_one(self, svc: Service) -> ServiceStatus:
         started = False

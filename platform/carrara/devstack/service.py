@@ -19,6 +19,8 @@ class Service(ABC):
 
     name: str
     label: str
+    # Services that must be healthy before this one starts (`stack up api` starts them first).
+    requires: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
