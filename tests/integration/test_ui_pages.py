@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from carrara.auth.roles import Role
-from carrara.auth.service import create_token, revoke_token
+from carrara.auth.service import SERVER_ADMIN, create_token, revoke_token
 from carrara.db import get_session
 from carrara.models import (
     ApiToken,
@@ -30,7 +30,15 @@ from carrara.registry import service as registry
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
 from carrara.ui import templating
-from carrara.ui.pages import datasets, deployments, models, runs, signin
+from carrara.ui.pages import (
+    datasets,
+    deployment_edit,
+    deployments,
+    models,
+    run_detail,
+    runs,
+    signin,
+)
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 FEATURES = "amount: float\nitems: int\ncountry: category"
@@ -158,7 +166,7 @@ def test_sign_out_and_revocation_end_the_session(client: TestClient, db_session:
     sign_in(client, secret)
     assert client.get("/ui/datasets").status_code == 200
     row = db_session.scalar(select(ApiToken).where(ApiToken.name == "ui-revoked"))
-    revoke_token(db_session, row.id)
+    revoke_token(db_session, row.id, SERVER_ADMIN)
     db_session.commit()
     response = client.get("/ui/datasets", follow_redirects=False)
     assert response.status_code == 303
@@ -318,7 +326,7 @@ def test_a_viewer_sees_no_edit_controls_and_is_refused_edits(
 def test_every_form_post_of_the_ui_checks_the_csrf_token(client: TestClient, editor: str) -> None:
     posts = [
         "/ui" + route.path
-        for module in (signin, datasets, runs, models, deployments)
+        for module in (signin, datasets, runs, run_detail, models, deployment_edit, deployments)
         for route in module.router.routes
         if isinstance(route, APIRoute) and "POST" in route.methods
     ]

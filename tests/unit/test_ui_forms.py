@@ -15,11 +15,11 @@ from carrara.errors import Invalid
 from carrara.monitoring.schemas import MetricsOut
 from carrara.training.algorithms import ALGORITHMS, validate_params
 from carrara.ui.charts import chart_data, time_axis, total_predictions
+from carrara.ui.deployment_forms import deployment_body, spec_diff, variant_rows, with_challenger
 from carrara.ui.forms import (
     FORM,
     FormInvalid,
     dataset_body,
-    deployment_body,
     errors_from_validation,
     param_errors,
     param_fields,
@@ -27,9 +27,6 @@ from carrara.ui.forms import (
     parse_features,
     parse_offsets,
     snapshot_body,
-    spec_diff,
-    variant_rows,
-    with_challenger,
 )
 from carrara.ui.pages.signin import safe_next
 

@@ -1,14 +1,16 @@
+"""`/api/v1/audit`: the audit log (adapter over `audit.service`)."""
+
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 
 from carrara.audit import service
 from carrara.audit.schemas import AuditEventOut
-from carrara.auth.dependencies import SessionDep, Viewer
-from carrara.pagination import Page, PageParams, page_params
+from carrara.deps import PageParamsDep, SessionDep, Viewer
+from carrara.pagination import Page
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -17,14 +19,19 @@ router = APIRouter(prefix="/audit", tags=["audit"])
 def list_audit_events(
     session: SessionDep,
     _: Viewer,
-    params: Annotated[PageParams, Depends(page_params)],
+    params: PageParamsDep,
     resource_type: Annotated[str | None, Query(max_length=50)] = None,
     resource_id: Annotated[str | None, Query(max_length=200)] = None,
     action: Annotated[str | None, Query(max_length=100)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
     since: datetime | None = None,
 ) -> Page[AuditEventOut]:
-    """Every mutating call, newest first: who, what, when, and before/after where it matters."""
+    """Every change, newest first: who, what, when, and before/after where it matters.
+
+    Changes made by the platform itself are listed too: the monitor's automatic promotions and
+    rollbacks (actor `monitor`, with the verdict's evidence in `detail`) and the training
+    worker's run transitions (actor `training-worker`).
+    """
     items, cursor = service.list_events(
         session,
         params,

@@ -1,16 +1,13 @@
+"""`/api/v1/tokens`: create, list and revoke API tokens (adapters over `auth.service`)."""
+
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, status
 
-from fastapi import APIRouter, Depends, status
-
-from carrara.api_types import DbId
-from carrara.audit.service import record
 from carrara.auth import service
-from carrara.auth.dependencies import Admin, SessionDep, Viewer
 from carrara.auth.schemas import TokenCreate, TokenCreated, TokenOut, WhoAmI
-from carrara.errors import Conflict
-from carrara.pagination import Page, PageParams, page_params
+from carrara.deps import Admin, DbId, PageParamsDep, SessionDep, Viewer
+from carrara.pagination import Page
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 
@@ -25,23 +22,13 @@ def whoami(principal: Viewer) -> WhoAmI:
 def create_token(body: TokenCreate, session: SessionDep, principal: Admin) -> TokenCreated:
     """Create an API token. The secret is in this response only; it is stored hashed."""
     row, secret = service.create_token(session, body.name, body.role, principal)
-    record(
-        session,
-        principal,
-        "token.create",
-        "token",
-        row.id,
-        after={"name": row.name, "role": row.role},
-    )
     session.flush()
     session.refresh(row)
     return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)
 
 
 @router.get("", response_model=Page[TokenOut])
-def list_tokens(
-    session: SessionDep, _: Admin, params: Annotated[PageParams, Depends(page_params)]
-) -> Page[TokenOut]:
+def list_tokens(session: SessionDep, _: Admin, params: PageParamsDep) -> Page[TokenOut]:
     """All tokens (never their secrets), newest first."""
     items, cursor = service.list_tokens(session, params)
     return Page(items=[TokenOut.model_validate(i) for i in items], next_cursor=cursor)
@@ -50,15 +37,4 @@ def list_tokens(
 @router.delete("/{token_id}", response_model=TokenOut)
 def revoke_token(token_id: DbId, session: SessionDep, principal: Admin) -> TokenOut:
     """Revoke a token: it stops working at once. A token cannot revoke itself."""
-    if token_id == principal.token_id:
-        raise Conflict("a token cannot revoke itself; revoke it with another admin token")
-    row = service.revoke_token(session, token_id)
-    record(
-        session,
-        principal,
-        "token.revoke",
-        "token",
-        row.id,
-        before={"name": row.name, "role": row.role},
-    )
-    return TokenOut.model_validate(row)
+    return TokenOut.model_validate(service.revoke_token(session, token_id, principal))

@@ -4,32 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from carrara.audit.service import record
+from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
 from carrara.errors import Conflict, NotFound, Unauthorized
 from carrara.models import ApiToken
 from carrara.pagination import PageParams, paginate
 
 TOKEN_PREFIX = "crr_"  # noqa: S105 - a public marker that makes leaked tokens greppable
+# The actor of tokens made server-side, without a token (`carrara admin bootstrap`, the demo).
+SERVER_ADMIN = Principal(token_id=None, name="server-admin", role=Role.admin)
 # Writing `last_used_at` on every request would turn reads into writes; once a minute is enough.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the token's id, name and role."""
-
-    token_id: int | None
-    name: str
-    role: Role
-
-    def can(self, required: Role) -> bool:
-        return self.role.allows(required)
 
 
 def hash_token(token: str) -> str:
@@ -50,6 +41,14 @@ def create_token(
     )
     session.add(row)
     session.flush()
+    record(
+        session,
+        created_by or SERVER_ADMIN,
+        "token.create",
+        "token",
+        row.id,
+        after={"name": row.name, "role": row.role},
+    )
     return row, secret
 
 
@@ -77,11 +76,22 @@ def get_token(session: Session, token_id: int) -> ApiToken:
     return row
 
 
-def revoke_token(session: Session, token_id: int) -> ApiToken:
+def revoke_token(session: Session, token_id: int, actor: Principal) -> ApiToken:
+    """Revoke a token (it stops working at once); a token cannot revoke itself."""
+    if token_id == actor.token_id:
+        raise Conflict("a token cannot revoke itself; revoke it with another admin token")
     row = get_token(session, token_id)
     if row.revoked_at is not None:
         raise Conflict(f"token {token_id} is already revoked")
     row.revoked_at = datetime.now(UTC)
+    record(
+        session,
+        actor,
+        "token.revoke",
+        "token",
+        row.id,
+        before={"name": row.name, "role": row.role},
+    )
     return row
 
 

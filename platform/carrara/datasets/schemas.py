@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from carrara.streams.event_schema import FeatureType, Task
 from carrara.streams.snapshot import SnapshotMode
+
+if TYPE_CHECKING:
+    from carrara.models import DatasetVersion
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 # Kafka's own rule for topic names (and "." / ".." are refused below).
@@ -218,3 +221,19 @@ class DatasetVersionOut(BaseModel):
     description: str
     created_by: str
     created_at: datetime
+
+    @classmethod
+    def from_version(cls, version: DatasetVersion) -> DatasetVersionOut:
+        """The API's view of a stored version (named by its dataset's name, not its id)."""
+        return cls(
+            id=version.id,
+            dataset=version.dataset.name,
+            number=version.number,
+            mode=SnapshotMode(version.mode),
+            selector=version.selector,
+            offsets=[PartitionOffsets.model_validate(o) for o in version.offsets],
+            event_count=version.event_count,
+            description=version.description,
+            created_by=version.created_by,
+            created_at=version.created_at,
+        )

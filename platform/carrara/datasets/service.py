@@ -11,7 +11,8 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from carrara.auth.service import Principal
+from carrara.audit.service import record
+from carrara.auth.principal import Principal
 from carrara.datasets.schemas import DatasetCreate, SnapshotCreate
 from carrara.errors import Conflict, Invalid, NotFound, Unavailable
 from carrara.models import Dataset, DatasetVersion, TrainingRun
@@ -141,6 +142,19 @@ def create_dataset(
             session.add(dataset)
     except IntegrityError as exc:  # another request took the name since the check above
         raise Conflict(f"dataset '{data.name}' already exists") from exc
+    record(
+        session,
+        principal,
+        "dataset.create",
+        "dataset",
+        dataset.name,
+        after=as_audit(dataset),
+        detail=(
+            f"topic created with {data.create_topic.partitions} partitions"
+            if data.create_topic
+            else f"schema checked against {len(sample)} recent events"
+        ),
+    )
     return CreatedDataset(dataset, data.create_topic is not None, len(sample))
 
 
@@ -168,9 +182,14 @@ def get_dataset(session: Session, name: str) -> Dataset:
 
 
 def update_dataset(
-    session: Session, name: str, *, description: str | None, owner: str | None
-) -> tuple[Dataset, dict[str, Any]]:
-    """Change the description and/or owner; returns the dataset and its fields before."""
+    session: Session,
+    name: str,
+    principal: Principal,
+    *,
+    description: str | None,
+    owner: str | None,
+) -> Dataset:
+    """Change the description and/or owner (its schema and topic are fixed)."""
     dataset = get_dataset(session, name)
     before = {"description": dataset.description, "owner": dataset.owner}
     if description is not None:
@@ -178,10 +197,19 @@ def update_dataset(
     if owner is not None:
         dataset.owner = owner
     session.flush()
-    return dataset, before
+    record(
+        session,
+        principal,
+        "dataset.update",
+        "dataset",
+        dataset.name,
+        before=before,
+        after={"description": dataset.description, "owner": dataset.owner},
+    )
+    return dataset
 
 
-def delete_dataset(session: Session, name: str) -> dict[str, Any]:
+def delete_dataset(session: Session, name: str, principal: Principal) -> dict[str, Any]:
     """Delete a dataset and its versions (not its topic); 409 while a training run uses one."""
     dataset = get_dataset(session, name)
     in_use = (
@@ -201,6 +229,7 @@ def delete_dataset(session: Session, name: str) -> dict[str, Any]:
     except IntegrityError as exc:  # a run started on one of its versions meanwhile
         raise Conflict(f"dataset '{name}' cannot be deleted: a training run uses it") from exc
     session.expunge(dataset)
+    record(session, principal, "dataset.delete", "dataset", name, before=before)
     return before
 
 
@@ -255,6 +284,21 @@ def create_version(
         raise Conflict(
             f"version {number} of dataset '{name}' was taken by a concurrent snapshot; retry"
         ) from exc
+    record(
+        session,
+        principal,
+        "dataset.version.create",
+        "dataset_version",
+        f"{name}/v{version.number}",
+        after={
+            "dataset": name,
+            "number": version.number,
+            "mode": version.mode,
+            "selector": version.selector,
+            "offsets": version.offsets,
+            "event_count": version.event_count,
+        },
+    )
     return version
 
 
@@ -278,3 +322,32 @@ def get_version(session: Session, name: str, number: int) -> DatasetVersion:
     if version is None:
         raise NotFound(f"dataset '{name}' has no version {number}")
     return version
+
+
+def recent_versions(
+    session: Session, datasets: int, per_dataset: int
+) -> list[tuple[Dataset, list[DatasetVersion]]]:
+    """The newest `datasets` datasets, each with its newest `per_dataset` versions (two queries)."""
+    rows = list(session.scalars(select(Dataset).order_by(Dataset.id.desc()).limit(datasets)))
+    if not rows:
+        return []
+    rank = (
+        func.row_number()
+        .over(partition_by=DatasetVersion.dataset_id, order_by=DatasetVersion.id.desc())
+        .label("rank")
+    )
+    ranked = (
+        select(DatasetVersion.id, rank)
+        .where(DatasetVersion.dataset_id.in_([d.id for d in rows]))
+        .subquery()
+    )
+    versions = session.scalars(
+        select(DatasetVersion)
+        .join(ranked, ranked.c.id == DatasetVersion.id)
+        .where(ranked.c.rank <= per_dataset)
+        .order_by(DatasetVersion.id.desc())
+    )
+    by_dataset: dict[int, list[DatasetVersion]] = {d.id: [] for d in rows}
+    for version in versions:
+        by_dataset[version.dataset_id].append(version)
+    return [(d, by_dataset[d.id]) for d in rows]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from carrara.registry.schemas import ALIAS_PATTERN, MAX_VERSION, MODEL_NAME_PATTERN
@@ -17,9 +16,6 @@ MAX_VARIANTS = 10
 MONITORING_METRICS = ("log_loss", "accuracy", "rmse", "mae")
 MAX_OUTCOME_WINDOW_S = 30 * 86400
 
-DeploymentName = Annotated[
-    str, Path(pattern=NAME_PATTERN, max_length=100, description="Deployment name (a slug)")
-]
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, max_length=249)]
 Reason = Annotated[
     str, Field(max_length=500, description="Why: shown in the revision history and audit log")

@@ -15,6 +15,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from carrara.audit.service import MONITOR
 from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentPut
 from carrara.models import Deployment, DeploymentRevision, JoinedOutcome
@@ -25,7 +26,6 @@ from carrara.monitoring.watched import Watched
 from carrara.settings import Settings
 
 log = structlog.get_logger(__name__)
-ACTOR = "carrara-monitor"
 
 
 def _values(
@@ -131,12 +131,15 @@ def apply_policies(session: Session, settings: Settings, watched: Watched) -> st
                 "reason": f"{action.replace('_', '-')}: {text}"[:500],
             }
         )
+        # Audited by the deployments service: actor "monitor", the verdict's evidence in detail.
         applied = deployments.apply(
             session,
             deployment.name,
             body,
-            ACTOR,
-            deployments.Publishing(settings.kafka_bootstrap, settings.deployments_topic),
+            MONITOR,
+            deployments.publishing(settings),
+            action=f"deployment.{action}",
+            evidence=evidence,
         )
         raise_alert(
             session,

@@ -5,8 +5,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from carrara.auth.dependencies import SessionDep, Viewer
-from carrara.deployments.schemas import NAME_PATTERN, DeploymentName
+from carrara.deployments.schemas import NAME_PATTERN
+from carrara.deps import DeploymentName, SessionDep, Viewer
 from carrara.monitoring import service
 from carrara.monitoring.schemas import AlertOut, Bucket, DriftOut, MetricsOut, VerdictOut
 from carrara.pagination import Page, PageParams, page_params

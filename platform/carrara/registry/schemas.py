@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 # MLflow allows more than slugs in model names; Carrara accepts the URL-safe subset.
@@ -13,24 +12,6 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 # Lowercase, like every Carrara name; MLflow refuses "latest" and "v<digits>" (checked in service).
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,99}$"
 MAX_VERSION = 2**31 - 1  # model_versions.version is a Postgres integer
-
-ModelName = Annotated[
-    str,
-    Path(
-        pattern=MODEL_NAME_PATTERN,
-        max_length=200,
-        description="Registered model name (as in MLflow's registry)",
-    ),
-]
-AliasName = Annotated[
-    str,
-    Path(
-        pattern=ALIAS_PATTERN,
-        max_length=100,
-        description="Alias, e.g. `champion`; not `latest` nor `v<digits>` (MLflow reserves those)",
-    ),
-]
-VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="Model version number")]
 
 
 class VersionRef(BaseModel):

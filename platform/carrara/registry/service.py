@@ -17,6 +17,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from carrara.audit.service import record
+from carrara.auth.principal import Principal
 from carrara.errors import Conflict, Invalid, NotFound
 from carrara.models import (
     DatasetVersion,
@@ -190,7 +192,9 @@ def _upsert_alias(session: Session, model: RegisteredModel, alias: str, row: Mod
     session.flush()
 
 
-def import_version(session: Session, client: MlflowClient, name: str, version: int) -> ModelVersion:
+def import_version(
+    session: Session, client: MlflowClient, name: str, version: int, actor: Principal
+) -> ModelVersion:
     """Bring an existing MLflow registry version into Carrara (for models trained elsewhere).
 
     Conflict if Carrara already has it, NotFound if MLflow does not. The version's MLflow aliases
@@ -201,7 +205,16 @@ def import_version(session: Session, client: MlflowClient, name: str, version: i
         raise Conflict(f"version {version} of model '{name}' is already imported")
     found = mlflow_sync.fetch_version(client, name, version)
     description = mlflow_sync.fetch_model(client, name).description if existing is None else ""
-    return _record_mlflow_version(session, found, description)
+    row = _record_mlflow_version(session, found, description)
+    record(
+        session,
+        actor,
+        "model.version.import",
+        "model",
+        name,
+        after={"version": row.version, "mlflow_source": row.mlflow_source},
+    )
+    return row
 
 
 def _record_mlflow_version(
@@ -238,7 +251,7 @@ def _mirrorable(alias: str) -> bool:
 
 
 def set_alias(
-    session: Session, client: MlflowClient, name: str, alias: str, version: int
+    session: Session, client: MlflowClient, name: str, alias: str, version: int, actor: Principal
 ) -> tuple[ModelVersion, int | None]:
     """Point `alias` at `version` in MLflow's registry, then in Carrara; returns (row, previous).
 
@@ -259,10 +272,21 @@ def set_alias(
             "does; it was deleted in MLflow"
         ) from exc
     _upsert_alias(session, model, alias, row)
+    record(
+        session,
+        actor,
+        "model.alias.set",
+        "model",
+        name,
+        before={"alias": alias, "version": previous} if previous is not None else None,
+        after={"alias": alias, "version": row.version},
+    )
     return row, previous
 
 
-def delete_alias(session: Session, client: MlflowClient, name: str, alias: str) -> int:
+def delete_alias(
+    session: Session, client: MlflowClient, name: str, alias: str, actor: Principal
+) -> int:
     """Remove `alias` from MLflow's registry, then from Carrara; returns the version it named."""
     model = get_model(session, name)
     current = next((a for a in model.aliases if a.alias == alias), None)
@@ -274,6 +298,14 @@ def delete_alias(session: Session, client: MlflowClient, name: str, alias: str) 
     model.aliases.remove(current)
     session.delete(current)
     session.flush()
+    record(
+        session,
+        actor,
+        "model.alias.delete",
+        "model",
+        name,
+        before={"alias": alias, "version": version},
+    )
     return version
 
 
@@ -286,7 +318,7 @@ class SyncResult:
     aliases_skipped: list[str] = field(default_factory=list)
 
 
-def sync_model(session: Session, client: MlflowClient, name: str) -> SyncResult:
+def sync_model(session: Session, client: MlflowClient, name: str, actor: Principal) -> SyncResult:
     """Reconcile Carrara with MLflow's registry: import missing versions, mirror aliases."""
     remote = mlflow_sync.fetch_model(client, name)
     mlflow_aliases = remote.aliases
@@ -315,4 +347,25 @@ def sync_model(session: Session, client: MlflowClient, name: str) -> SyncResult:
         result.aliases_removed.append(stale.alias)
     session.flush()
     result.model = get_model(session, name)
+    record(
+        session,
+        actor,
+        "model.sync",
+        "model",
+        name,
+        after={
+            "imported_versions": result.imported_versions,
+            "aliases_set": result.aliases_set,
+            "aliases_removed": result.aliases_removed,
+        },
+    )
     return result
+
+
+def version_of_run(session: Session, name: str, run_id: int) -> int | None:
+    """The version of model `name` that training run `run_id` registered, if any."""
+    return session.scalar(
+        select(ModelVersion.version)
+        .join(RegisteredModel)
+        .where(RegisteredModel.name == name, ModelVersion.run_id == run_id)
+    )

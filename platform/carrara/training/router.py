@@ -1,17 +1,17 @@
+"""`/api/v1/runs`: adapters over `training.service` (which queues, transitions and audits)."""
+
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi import status as http_status
 
-from carrara.auth.dependencies import Editor, SessionDep, Viewer
-from carrara.pagination import Page, PageParams, page_params
+from carrara.deps import Editor, PageParamsDep, RunId, SessionDep, Viewer
+from carrara.pagination import Page
 from carrara.training import service
-from carrara.training.algorithms import ALGORITHMS
 from carrara.training.schemas import (
     DATASET_NAME_PATTERN,
-    INT32_MAX,
     MODEL_NAME_PATTERN,
     AlgorithmOut,
     RunCreate,
@@ -21,22 +21,11 @@ from carrara.training.schemas import (
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
-RunId = Annotated[int, Path(ge=1, le=INT32_MAX, description="Run id.")]
-
 
 @router.get("/algorithms", response_model=list[AlgorithmOut])
 def list_algorithms(_: Viewer) -> list[AlgorithmOut]:
     """The algorithms runs can use: the tasks each supports and the JSON schema of its params."""
-    return [
-        AlgorithmOut(
-            name=a.name,
-            title=a.title,
-            description=a.description,
-            tasks=list(a.tasks),
-            params_schema=a.params_schema(),
-        )
-        for a in ALGORITHMS.values()
-    ]
+    return service.algorithms()
 
 
 @router.post(
@@ -85,7 +74,7 @@ def start_run(
 def list_runs(
     session: SessionDep,
     _: Viewer,
-    params: Annotated[PageParams, Depends(page_params)],
+    params: PageParamsDep,
     status: RunStatus | None = None,
     dataset: Annotated[str | None, Query(pattern=DATASET_NAME_PATTERN)] = None,
     algorithm: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,50}$")] = None,

@@ -16,14 +16,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from carrara.audit.service import record
+from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
-from carrara.auth.service import Principal
 from carrara.errors import Conflict, Invalid, NotFound
 from carrara.models import Dataset, DatasetVersion, TrainingRun
 from carrara.models.training import FINISHED_STATES
 from carrara.outbox.service import enqueue_task
 from carrara.pagination import PageParams, paginate
-from carrara.training.algorithms import validate_params
+from carrara.training.algorithms import ALGORITHMS, validate_params
+from carrara.training.schemas import AlgorithmOut
 
 TRAIN_TASK = "carrara.training.train_run"
 # The actor of the audit events the training worker causes (it has no API token).
@@ -46,6 +47,20 @@ ACTIONS = {
     "failed": "run.fail",
     "cancelled": "run.cancel",
 }
+
+
+def algorithms() -> list[AlgorithmOut]:
+    """The algorithms runs can use: the tasks each supports and the JSON schema of its params."""
+    return [
+        AlgorithmOut(
+            name=a.name,
+            title=a.title,
+            description=a.description,
+            tasks=list(a.tasks),
+            params_schema=a.params_schema(),
+        )
+        for a in ALGORITHMS.values()
+    ]
 
 
 def check_transition(run_id: int, current: str, target: str) -> None:

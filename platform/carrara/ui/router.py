@@ -8,7 +8,17 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from carrara.ui.errors import error_page
-from carrara.ui.pages import datasets, deployments, models, overview, page_router, runs, signin
+from carrara.ui.pages import (
+    datasets,
+    deployment_edit,
+    deployments,
+    models,
+    overview,
+    page_router,
+    run_detail,
+    runs,
+    signin,
+)
 from carrara.ui.security import UI_PREFIX, UiSessionMiddleware
 from carrara.ui.templating import STATIC_DIR, assets_problem
 
@@ -26,7 +36,10 @@ def not_found(path: str, request: Request) -> Response:
 def build_ui_router() -> APIRouter:
     """Every page and fragment of the UI, under /ui (kept out of the OpenAPI schema)."""
     ui = APIRouter(prefix=UI_PREFIX, include_in_schema=False)
-    for module in (signin, overview, datasets, runs, models, deployments):
+    # In this order: `/runs/new` and `/deployments/_new` must not be taken for a run id or a
+    # deployment's name.
+    pages = (signin, overview, datasets, runs, run_detail, models, deployment_edit, deployments)
+    for module in pages:
         ui.include_router(module.router)
     ui.include_router(fallback)  # last: only what no page matched
     return ui

@@ -16,10 +16,10 @@ from starlette.datastructures import FormData
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from carrara.auth.dependencies import require
+from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
-from carrara.auth.service import Principal, get_token
-from carrara.db import get_session
+from carrara.auth.service import get_token
+from carrara.deps import SessionDep, require
 from carrara.errors import NotFound
 
 UI_PREFIX = "/ui"
@@ -69,9 +69,7 @@ class UiSessionMiddleware:
         await chosen(scope, receive, send)
 
 
-def page_session(
-    request: Request, session: Annotated[Session, Depends(get_session, scope="function")]
-) -> Session:
+def page_session(request: Request, session: SessionDep) -> Session:
     """The request's database session, committed before the response is sent.
 
     Function scope matters for pages: after a form posts, the browser follows the redirect at

@@ -1,18 +1,19 @@
-"""The UI's page routes, one module per area; `carrara.ui.router` assembles them."""
+"""The UI's page routes, one module per area; `carrara.ui.router` assembles them.
+
+Pages are adapters over the domains' services, like the REST routers (never calling them): they
+take their dependencies from `carrara.deps`, call service functions, and render what they return,
+shaped with the API's own schemas so both show the same thing.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 
 from carrara.pagination import PageParams, page_params
-from carrara.settings import Settings, get_settings
 from carrara.ui.errors import PageRoute
 from carrara.ui.security import UI_PREFIX
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 LIST_LIMIT = 50
 
 

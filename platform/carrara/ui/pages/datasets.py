@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-import orjson
-from confluent_kafka import KafkaException
 from fastapi import Query, Request, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from carrara.auth.service import Principal
-from carrara.datasets import router as datasets_api
+from carrara.datasets import sampling
 from carrara.datasets import service as datasets
-from carrara.datasets.router import NamePath
-from carrara.datasets.schemas import DatasetCreate, SnapshotCreate
+from carrara.datasets.schemas import (
+    DatasetCreate,
+    DatasetOut,
+    DatasetVersionOut,
+    SnapshotCreate,
+)
+from carrara.deps import DatasetName, SettingsDep
 from carrara.errors import DomainError
-from carrara.models import Dataset
-from carrara.streams.event_schema import FeatureType, Task, decode_event, validate_events
-from carrara.streams.snapshot import SampledEvent, SnapshotMode, TopicNotFound, read_recent_events
-from carrara.training import router as training_api
+from carrara.pagination import Page
+from carrara.streams.event_schema import FeatureType, Task
+from carrara.streams.snapshot import SnapshotMode
+from carrara.training import service as training
+from carrara.training.schemas import RunOut
 from carrara.ui.forms import (
     FORM,
     FormInvalid,
@@ -29,14 +31,11 @@ from carrara.ui.forms import (
     snapshot_body,
 )
 from carrara.ui.forms import dataset_body as parse_dataset_form
-from carrara.ui.pages import SettingsDep, list_page, page_router, query_value, redirect, rolled_back
+from carrara.ui.pages import list_page, page_router, query_value, redirect, rolled_back
 from carrara.ui.security import FormDep, PageEditor, PageSession, PageViewer
 from carrara.ui.templating import flash, render
 
 router = page_router()
-SAMPLE_SIZE = 20
-SAMPLE_TIMEOUT_S = 5.0
-MAX_SHOWN_BYTES = 2000
 
 
 @router.get("/datasets")
@@ -49,7 +48,8 @@ def list_datasets(
 ) -> Response:
     """Datasets, newest first, filtered by name prefix."""
     prefix = query_value(prefix)
-    page = datasets_api.list_datasets(session, user, list_page(cursor), name_prefix=prefix)
+    items, next_cursor = datasets.list_datasets(session, list_page(cursor), name_prefix=prefix)
+    page = Page(items=[DatasetOut.model_validate(i) for i in items], next_cursor=next_cursor)
     context = {"nav": "datasets", "page": page, "prefix": prefix or "", "cursor": cursor}
     return render(request, "datasets/list.html", context)
 
@@ -82,7 +82,7 @@ def create_dataset(
     status = 422
     try:
         body = DatasetCreate.model_validate(parse_dataset_form(form))
-        created = datasets_api.create_dataset(body, session, user, settings)
+        created = datasets.create_dataset(session, settings.kafka_bootstrap, body, user)
     except FormInvalid as exc:
         errors = exc.errors
     except ValidationError as exc:
@@ -92,12 +92,13 @@ def create_dataset(
         errors, status = _problem_errors(exc), exc.status
     else:
         checked = (
-            f"topic {created.topic} created"
+            f"topic {created.dataset.topic} created"
             if created.topic_created
             else f"schema checked against {created.sample_size} recent events"
         )
-        flash(request, "success", f"Dataset {created.name} registered ({checked}).")
-        return redirect(f"/datasets/{created.name}")
+        name = created.dataset.name
+        flash(request, "success", f"Dataset {name} registered ({checked}).")
+        return redirect(f"/datasets/{name}")
     return _new_form(request, values, errors, status)
 
 
@@ -111,21 +112,20 @@ def _problem_errors(exc: DomainError) -> dict[str, str]:
 def _detail(
     request: Request,
     session: Session,
-    user: Principal,
     name: str,
     *,
     snapshot_values: dict[str, Any] | None = None,
     snapshot_errors: dict[str, str] | None = None,
     status: int = 200,
 ) -> Response:
-    dataset = datasets_api.get_dataset(name, session, user)
-    versions = datasets_api.list_versions(name, session, user, list_page(None)).items
-    runs = training_api.list_runs(session, user, list_page(None, 10), dataset=name).items
+    dataset = DatasetOut.model_validate(datasets.get_dataset(session, name))
+    versions, _ = datasets.list_versions(session, name, list_page(None))
+    runs, _ = training.list_runs(session, list_page(None, 10), dataset=name)
     context = {
         "nav": "datasets",
         "dataset": dataset,
-        "versions": versions,
-        "runs": runs,
+        "versions": [DatasetVersionOut.from_version(v) for v in versions],
+        "runs": [RunOut.from_run(r) for r in runs],
         "modes": [m.value for m in SnapshotMode],
         "snapshot_values": snapshot_values or {"mode": "latest"},
         "snapshot_errors": snapshot_errors or {},
@@ -135,80 +135,29 @@ def _detail(
 
 @router.get("/datasets/{name}")
 def dataset_detail(
-    name: NamePath, request: Request, session: PageSession, user: PageViewer
+    name: DatasetName, request: Request, session: PageSession, user: PageViewer
 ) -> Response:
     """A dataset: schema, versions with offsets and counts, runs, and a live sample (lazy)."""
-    return _detail(request, session, user, name)
-
-
-@dataclass
-class SampleRow:
-    """One recent event of the topic, as the sample panel shows it."""
-
-    partition: int
-    offset: int
-    timestamp_ms: int | None
-    key_text: str
-    value_text: str
-    mismatches: list[str]
-
-
-def sample_rows(dataset: Dataset, events: list[SampledEvent]) -> list[SampleRow]:
-    """Recent events with the schema fields each one disagrees with (the API's schema check)."""
-    schema = datasets.event_schema(dataset)
-    rows = []
-    for event in events:
-        decoded = decode_event(event.value)
-        shown = (
-            orjson.dumps(decoded, option=orjson.OPT_INDENT_2).decode()
-            if isinstance(decoded, dict)
-            else (event.value or b"").decode("utf-8", "replace")
-        )
-        if len(shown) > MAX_SHOWN_BYTES:
-            shown = shown[:MAX_SHOWN_BYTES] + "\n…"
-        key = decoded.get(dataset.key_field) if isinstance(decoded, dict) else None
-        mismatches = [m.field for m in validate_events(schema, [event.value])]
-        rows.append(
-            SampleRow(
-                partition=event.partition,
-                offset=event.offset,
-                timestamp_ms=event.timestamp_ms,
-                key_text="—" if key is None else str(key),
-                value_text=shown,
-                mismatches=mismatches,
-            )
-        )
-    return rows
+    return _detail(request, session, name)
 
 
 @router.get("/datasets/{name}/sample")
 def dataset_sample(
-    name: NamePath,
+    name: DatasetName,
     request: Request,
     session: PageSession,
     user: PageViewer,
     settings: SettingsDep,
 ) -> Response:
     """The newest events of the dataset's topic, each checked against the schema (a fragment)."""
-    dataset = datasets.get_dataset(session, name)
-    problem = ""
-    rows: list[SampleRow] = []
-    try:
-        events = read_recent_events(
-            settings.kafka_bootstrap, dataset.topic, SAMPLE_SIZE, SAMPLE_TIMEOUT_S
-        )
-        rows = sample_rows(dataset, events)
-    except TopicNotFound:
-        problem = f"Topic {dataset.topic} no longer exists in Kafka."
-    except KafkaException as exc:
-        problem = f"Kafka at {settings.kafka_bootstrap} did not answer: {exc.args[0]}"
-    context = {"dataset": dataset, "rows": rows, "problem": problem}
+    sample = sampling.sample_topic(session, settings.kafka_bootstrap, name)
+    context = {"dataset": sample.dataset, "rows": sample.rows, "problem": sample.problem}
     return render(request, "partials/dataset_sample.html", context)
 
 
 @router.post("/datasets/{name}/versions")
 def create_snapshot(
-    name: NamePath,
+    name: DatasetName,
     request: Request,
     session: PageSession,
     user: PageEditor,
@@ -220,7 +169,7 @@ def create_snapshot(
     status = 422
     try:
         body = SnapshotCreate.model_validate(snapshot_body(form))
-        version = datasets_api.create_version(name, body, session, user, settings)
+        version = datasets.create_version(session, settings.kafka_bootstrap, name, body, user)
     except FormInvalid as exc:
         errors = exc.errors
     except ValidationError as exc:
@@ -237,5 +186,5 @@ def create_snapshot(
         )
         return redirect(f"/datasets/{name}#versions")
     return _detail(
-        request, session, user, name, snapshot_values=values, snapshot_errors=errors, status=status
+        request, session, name, snapshot_values=values, snapshot_errors=errors, status=status
     )

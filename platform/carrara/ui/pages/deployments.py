@@ -1,50 +1,25 @@
-"""Deployments: variants, weights and shadows; edits and rollbacks confirmed on a diff; revision
-history; rollout across scorers; live per-variant charts, the A/B verdict and drift.
+"""Deployments: the list, and one deployment's variants, revision history, rollout across scorers,
+live per-variant charts, the A/B verdict and drift. Editing and rolling back: `deployment_edit`.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import Query, Request, Response
-from pydantic import ValidationError
-from sqlalchemy.orm import Session
 
-from carrara.auth.service import Principal
-from carrara.deployments import router as deployments_api
 from carrara.deployments import service as deployments
-from carrara.deployments.schemas import (
-    NAME_PATTERN,
-    DeploymentName,
-    DeploymentPut,
-    RevisionOut,
-    RollbackIn,
-)
-from carrara.errors import DomainError, Invalid, NotFound
-from carrara.monitoring import router as monitoring_api
-from carrara.registry import router as registry_api
-from carrara.settings import Settings
+from carrara.deps import DeploymentName
+from carrara.monitoring import service as monitoring
+from carrara.monitoring.schemas import AlertOut, DriftOut, MetricsOut, VerdictOut
 from carrara.ui import charts
-from carrara.ui.forms import (
-    MAX_VARIANT_ROWS,
-    deployment_body,
-    errors_from_problem,
-    errors_from_validation,
-    spec_diff,
-    text,
-    with_challenger,
-)
-from carrara.ui.pages import SettingsDep, list_page, page_router, redirect, rolled_back
-from carrara.ui.security import FormDep, PageEditor, PageSession, PageViewer
-from carrara.ui.templating import flash, render
+from carrara.ui.pages import list_page, page_router
+from carrara.ui.security import PageSession, PageViewer
+from carrara.ui.templating import render
 
 router = page_router()
-_NAME = re.compile(NAME_PATTERN)
 REVISIONS_SHOWN = 20
-CHALLENGER_WEIGHT = 10
 Window = Annotated[str, Query(pattern="^(" + "|".join(charts.WINDOWS) + ")$")]
 
 
@@ -58,331 +33,9 @@ def list_deployments(
 ) -> Response:
     """Deployments, newest first, with their current revision's variants."""
     status_ = "running" if status == "running" else "stopped" if status == "stopped" else None
-    page = deployments_api.list_deployments(session, user, list_page(cursor), status_=status_)
+    page = deployments.deployment_page(session, list_page(cursor), status_)
     context = {"nav": "deployments", "page": page, "status": status_ or "", "cursor": cursor}
     return render(request, "deployments/list.html", context)
-
-
-# --- the edit form and its confirmation -------------------------------------------------------
-
-
-def _model_names(session: Session, user: Principal) -> list[str]:
-    return [m.name for m in registry_api.list_models(session, user, list_page(None, 200)).items]
-
-
-def _form_values(spec: dict[str, Any], variants: list[dict[str, Any]]) -> dict[str, Any]:
-    """Form inputs showing `spec` with `variants` (one row each, then blank rows)."""
-    monitoring = spec.get("monitoring") or {}
-    values: dict[str, Any] = {
-        key: spec.get(key) or "" for key in ("input_topic", "output_topic", "key_field", "pool")
-    }
-    values["description"] = spec.get("description") or ""
-    values["outcomes_topic"] = monitoring.get("outcomes_topic") or ""
-    values["outcome_field"] = monitoring.get("outcome_field") or "label"
-    values["join_by"] = monitoring.get("join_by") or "key"
-    for i, variant in enumerate(variants[:MAX_VARIANT_ROWS]):
-        prefix = f"variants-{i}-"
-        version = variant.get("version") if variant.get("version") is not None else ""
-        values[prefix + "name"] = variant.get("name", "")
-        values[prefix + "model"] = variant.get("model", "")
-        values[prefix + "version"] = str(variant.get("alias") or version)
-        values[prefix + "weight"] = str(variant.get("weight", 0))
-        values[prefix + "shadow"] = "on" if variant.get("shadow") else ""
-        if variant.get("shadow") and variant.get("shadow_sample_pct") not in (None, 100.0):
-            values[prefix + "shadow_sample_pct"] = str(variant["shadow_sample_pct"])
-    return values
-
-
-def _edit_form(
-    request: Request,
-    session: Session,
-    user: Principal,
-    *,
-    name: str | None,
-    values: dict[str, Any],
-    errors: dict[str, str],
-    status: int = 200,
-    revision: int | None = None,
-) -> Response:
-    rows = max(3, 1 + sum(1 for i in range(MAX_VARIANT_ROWS) if values.get(f"variants-{i}-name")))
-    context = {
-        "nav": "deployments",
-        "name": name,
-        "values": values,
-        "errors": errors,
-        "rows": min(rows, MAX_VARIANT_ROWS),
-        "models": _model_names(session, user),
-        "revision": revision,
-    }
-    return render(request, "deployments/edit.html", context, status_code=status)
-
-
-@router.get("/deployments/_new")
-def new_deployment(request: Request, session: PageSession, user: PageEditor) -> Response:
-    """The form that creates a deployment (its first revision)."""
-    values = _form_values({"pool": "default"}, [{"name": "champion", "weight": 100}])
-    return _edit_form(request, session, user, name=None, values=values, errors={})
-
-
-@router.get("/deployments/{name}/edit")
-def edit_deployment(
-    name: DeploymentName,
-    request: Request,
-    session: PageSession,
-    user: PageEditor,
-    challenger: Annotated[bool, Query()] = False,
-) -> Response:
-    """The current spec as a form; `?challenger=true` adds a challenger at 10% of the traffic."""
-    detail = deployments_api.get_deployment(name, session, user)
-    if detail.spec is None:
-        raise Invalid(f"deployment '{name}' is stopped: roll back to a revision to restart it")
-    spec = detail.spec.model_dump(mode="json")
-    variants = spec["variants"]
-    if challenger:
-        variants = with_challenger(variants, *_challenger_for(session, user, variants))
-    values = _form_values(spec, variants)
-    if challenger:
-        values["reason"] = f"add a challenger at {CHALLENGER_WEIGHT}%"
-    return _edit_form(
-        request, session, user, name=name, values=values, errors={}, revision=detail.revision
-    )
-
-
-def _challenger_for(
-    session: Session, user: Principal, variants: list[dict[str, Any]]
-) -> tuple[str, str, int | None]:
-    """(name, model, version) of a new challenger: the live champion's model, newest version."""
-    taken = {v["name"] for v in variants}
-    candidates = ("challenger", *(f"challenger-{i}" for i in range(2, 99)))
-    name = next(n for n in candidates if n not in taken)
-    live = [v for v in variants if not v.get("shadow")] or variants
-    model = max(live, key=lambda v: v.get("weight", 0))["model"]
-    try:
-        versions = registry_api.get_model(model, session, user).versions
-    except NotFound:
-        return name, model, None
-    return name, model, versions[0].version if versions else None
-
-
-def _current_spec(session: Session, name: str) -> tuple[dict[str, Any] | None, int | None]:
-    """The current spec (None if stopped or new) and revision (None if new) of `name`."""
-    try:
-        _, current = deployments.get_deployment(session, name)
-    except NotFound:
-        return None, None
-    return (dict(current.spec) if current.spec else None), current.number
-
-
-def _dry_run(
-    session: Session, settings: Settings, user: Principal, name: str, body: DeploymentPut
-) -> tuple[dict[str, Any], bool]:
-    """(spec, changed) that `PUT` would store for `body`, with every check `PUT` makes.
-
-    The deployments service applies the body inside a savepoint that is then rolled back:
-    nothing is stored or published, and the diff shows exactly what would be.
-    """
-    publishing = deployments.Publishing(settings.kafka_bootstrap, settings.deployments_topic)
-    savepoint = session.begin_nested()
-    try:
-        applied = deployments.apply(session, name, body, user.name, publishing)
-        return dict(applied.revision.spec or {}), applied.changed
-    finally:
-        savepoint.rollback()
-
-
-def _preview(
-    request: Request,
-    session: Session,
-    user: Principal,
-    form: Any,
-    settings: Settings,
-    name: str,
-    *,
-    creating: bool,
-) -> Response:
-    """Validate the edit form as `PUT` would and show the diff to confirm, or the form again."""
-    values = {k: v for k, v in form.items() if isinstance(v, str)}
-    current, revision = _current_spec(session, name)
-    status = 422
-    errors: dict[str, str] = {}
-    if not _NAME.match(name):
-        errors["name"] = (
-            "lowercase letters, digits, '.', '_' and '-' (up to 100), e.g. fraud-scoring"
-        )
-    elif creating and revision is not None:
-        errors["name"] = f"deployment '{name}' already exists: open it and edit it instead"
-        status = 409
-    else:
-        try:
-            body = DeploymentPut.model_validate(deployment_body(form, current))
-            spec, changed = _dry_run(session, settings, user, name, body)
-        except ValidationError as exc:
-            errors = errors_from_validation(exc)
-        except DomainError as exc:
-            rolled_back(request)
-            errors, status = errors_from_problem(exc.extra.get("errors"), exc.detail), exc.status
-        else:
-            context = {
-                "nav": "deployments",
-                "name": name,
-                "title": f"Create deployment {name}" if revision is None else f"Change {name}",
-                "diff": spec_diff(current, spec),
-                "changed": changed,
-                "reason": body.reason,
-                "revision": revision,
-                "body_json": orjson.dumps(body.model_dump(mode="json", exclude_none=True)).decode(),
-                "action": f"/ui/deployments/{name}/apply",
-                "rollback_to": None,
-            }
-            return render(request, "deployments/confirm.html", context)
-    values["name"] = name
-    return _edit_form(
-        request,
-        session,
-        user,
-        name=None if creating else name,
-        values=values,
-        errors=errors,
-        status=status,
-        revision=revision,
-    )
-
-
-@router.post("/deployments/_new")
-def preview_new(
-    request: Request, session: PageSession, user: PageEditor, form: FormDep, settings: SettingsDep
-) -> Response:
-    """Validate a new deployment and show its first revision, to confirm."""
-    name = text(form, "name")
-    return _preview(request, session, user, form, settings, name, creating=True)
-
-
-@router.post("/deployments/{name}/preview")
-def preview_change(
-    name: DeploymentName,
-    request: Request,
-    session: PageSession,
-    user: PageEditor,
-    form: FormDep,
-    settings: SettingsDep,
-) -> Response:
-    """Validate the edited spec and show what the new revision would change, to confirm."""
-    return _preview(request, session, user, form, settings, name, creating=False)
-
-
-def _unchanged_since(session: Session, name: str, form: Any) -> None:
-    """Conflict-like Invalid if the deployment changed after the diff was shown."""
-    _, revision = _current_spec(session, name)
-    expected = text(form, "expected_revision")
-    if (str(revision) if revision is not None else "") != expected:
-        raise Invalid(
-            f"deployment '{name}' changed while you were reviewing (now revision {revision}); "
-            "review the change again"
-        )
-
-
-@router.post("/deployments/{name}/apply")
-def apply_change(
-    name: DeploymentName,
-    request: Request,
-    session: PageSession,
-    user: PageEditor,
-    form: FormDep,
-    settings: SettingsDep,
-) -> Response:
-    """Store the confirmed desired state, as `PUT /api/v1/deployments/{name}` does."""
-    try:
-        _unchanged_since(session, name, form)
-        body = DeploymentPut.model_validate_json(text(form, "body"))
-        applied = deployments_api.apply_deployment(name, body, Response(), session, user, settings)
-    except ValidationError as exc:
-        flash(request, "error", f"The change is not valid any more: {exc.errors()[0]['msg']}")
-        return redirect(f"/deployments/{name}")
-    except DomainError as exc:
-        rolled_back(request)
-        flash(request, "error", exc.detail)
-        return redirect(f"/deployments/{name}" if _exists(session, name) else "/deployments")
-    if applied.changed:
-        flash(request, "success", f"Revision {applied.revision} stored and published to scorers.")
-    else:
-        flash(request, "info", f"No change: revision {applied.revision} already has this spec.")
-    return redirect(f"/deployments/{name}")
-
-
-def _exists(session: Session, name: str) -> bool:
-    return _current_spec(session, name)[1] is not None
-
-
-def find_revision(session: Session, user: Principal, name: str, number: int) -> RevisionOut:
-    """Revision `number` of `name`, read through the API's paginated revision history."""
-    cursor = None
-    while True:
-        page = deployments_api.list_revisions(name, session, user, list_page(cursor, 500))
-        for revision in page.items:
-            if revision.number == number:
-                return revision
-        if page.next_cursor is None or (page.items and page.items[-1].number < number):
-            raise NotFound(f"deployment '{name}' has no revision {number}")
-        cursor = page.next_cursor
-
-
-@router.post("/deployments/{name}/rollback/preview")
-def preview_rollback(
-    name: DeploymentName, request: Request, session: PageSession, user: PageEditor, form: FormDep
-) -> Response:
-    """Show what rolling back to a revision would change, to confirm."""
-    number = text(form, "revision")
-    if not number.isdigit():
-        raise Invalid("choose the revision to roll back to")
-    target = find_revision(session, user, name, int(number))
-    current, revision = _current_spec(session, name)
-    if target.spec is None:
-        raise Invalid(f"revision {target.number} is a stop: it has nothing to roll back to")
-    after = target.spec.model_dump(mode="json")  # as stored: the same shape as `current`
-    diff = spec_diff(current, after)
-    context = {
-        "nav": "deployments",
-        "name": name,
-        "title": f"Roll {name} back to revision {target.number}",
-        "diff": diff,
-        "changed": True,
-        "reason": "",
-        "revision": revision,
-        "body_json": "",
-        "action": f"/ui/deployments/{name}/rollback",
-        "rollback_to": target,
-    }
-    return render(request, "deployments/confirm.html", context)
-
-
-@router.post("/deployments/{name}/rollback")
-def rollback(
-    name: DeploymentName,
-    request: Request,
-    session: PageSession,
-    user: PageEditor,
-    form: FormDep,
-    settings: SettingsDep,
-) -> Response:
-    """Roll back to the confirmed revision, as `POST …/rollback` does (a new revision)."""
-    try:
-        _unchanged_since(session, name, form)
-        body = RollbackIn.model_validate(
-            {"revision": text(form, "rollback_to"), "reason": text(form, "reason")}
-        )
-        applied = deployments_api.rollback_deployment(name, body, session, user, settings)
-    except ValidationError as exc:
-        flash(request, "error", f"The rollback is not valid: {exc.errors()[0]['msg']}")
-    except DomainError as exc:
-        rolled_back(request)
-        flash(request, "error", exc.detail)
-    else:
-        flash(
-            request,
-            "success",
-            f"Rolled back: revision {applied.revision} restores revision {body.revision}.",
-        )
-    return redirect(f"/deployments/{name}")
 
 
 # --- one deployment, and its live panels ------------------------------------------------------
@@ -398,16 +51,14 @@ def deployment_detail(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """Variants, rollout, live charts, verdict, drift, alerts and the revision history."""
-    detail = deployments_api.get_deployment(name, session, user)
-    revisions = deployments_api.list_revisions(
-        name, session, user, list_page(cursor, REVISIONS_SHOWN)
-    )
-    alerts = monitoring_api.list_alerts(session, user, list_page(None, 10), deployment=name)
+    detail = deployments.deployment_detail(session, name)
+    revisions = deployments.revision_page(session, name, list_page(cursor, REVISIONS_SHOWN))
+    alerts, _ = monitoring.list_alerts(session, list_page(None, 10), deployment=name)
     context = {
         "nav": "deployments",
         "deployment": detail,
         "revisions": revisions,
-        "alerts": alerts.items,
+        "alerts": [AlertOut.model_validate(a) for a in alerts],
         "window": window,
         "windows": charts.WINDOWS,
         "cursor": cursor,
@@ -431,7 +82,8 @@ def live_metrics(
 ) -> Response:
     """Per-variant totals and chart series of the window (polled by the live panel)."""
     start, end, bucket = _window(window)
-    metrics = monitoring_api.get_metrics(name, session, user, start, end, bucket)
+    start, end = monitoring.window(start, end)
+    metrics = MetricsOut.model_validate(monitoring.metrics(session, name, start, end, bucket))
     context = {
         "metrics": metrics,
         "chart": charts.chart_data(metrics),
@@ -447,7 +99,7 @@ def verdict(
     name: DeploymentName, request: Request, session: PageSession, user: PageViewer
 ) -> Response:
     """The A/B verdict of every challenger against the champion (polled)."""
-    result = monitoring_api.get_verdict(name, session, user)
+    result = VerdictOut.model_validate(monitoring.verdict(session, name))
     return render(request, "partials/deployment_verdict.html", {"verdict": result})
 
 
@@ -461,7 +113,8 @@ def drift(
 ) -> Response:
     """Per-feature drift of live inputs against the champion's training profile (polled)."""
     start, end, _ = _window(window)
-    result = monitoring_api.get_drift(name, session, user, start, end)
+    start, end = monitoring.window(start, end)
+    result = DriftOut.model_validate(monitoring.drift(session, name, start, end))
     return render(request, "partials/deployment_drift.html", {"drift": result, "window": window})
 
 
@@ -470,5 +123,5 @@ def rollout(
     name: DeploymentName, request: Request, session: PageSession, user: PageViewer
 ) -> Response:
     """Which scorers serve which revision (polled)."""
-    detail = deployments_api.get_deployment(name, session, user)
+    detail = deployments.deployment_detail(session, name)
     return render(request, "partials/deployment_rollout.html", {"deployment": detail})

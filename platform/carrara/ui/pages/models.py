@@ -8,12 +8,14 @@ from fastapi import Query, Request, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from carrara.auth.service import Principal
+from carrara.deps import AliasName, ModelName, SettingsDep
 from carrara.errors import DomainError
-from carrara.registry import router as registry_api
-from carrara.registry.schemas import AliasName, ModelName, VersionRef
+from carrara.registry import service as registry
+from carrara.registry import views as registry_views
+from carrara.registry.mlflow_sync import registry_client
+from carrara.registry.schemas import VersionRef
 from carrara.ui.forms import FORM, errors_from_validation, text
-from carrara.ui.pages import SettingsDep, list_page, page_router, query_value, redirect, rolled_back
+from carrara.ui.pages import list_page, page_router, query_value, redirect, rolled_back
 from carrara.ui.security import FormDep, PageEditor, PageSession, PageViewer
 from carrara.ui.templating import flash, render
 
@@ -31,7 +33,7 @@ def list_models(
 ) -> Response:
     """Registered models, newest first, with their latest version and aliases."""
     prefix = query_value(prefix)
-    page = registry_api.list_models(session, user, list_page(cursor), name=prefix)
+    page = registry_views.model_summaries(session, list_page(cursor), prefix)
     context = {"nav": "models", "page": page, "prefix": prefix or "", "cursor": cursor}
     return render(request, "models/list.html", context)
 
@@ -39,13 +41,12 @@ def list_models(
 def _detail(
     request: Request,
     session: Session,
-    user: Principal,
     name: str,
     values: dict[str, Any] | None = None,
     errors: dict[str, str] | None = None,
     status: int = 200,
 ) -> Response:
-    model = registry_api.get_model(name, session, user)
+    model = registry_views.model_detail(session, name)
     context = {
         "nav": "models",
         "model": model,
@@ -61,7 +62,7 @@ def model_detail(
     name: ModelName, request: Request, session: PageSession, user: PageViewer
 ) -> Response:
     """A model's versions (newest first) with lineage and metrics, and its aliases."""
-    return _detail(request, session, user, name)
+    return _detail(request, session, name)
 
 
 @router.post("/models/{name}/aliases")
@@ -79,21 +80,18 @@ def set_alias(
     status = 422
     try:
         ref = VersionRef.model_validate({"version": text(form, "version")})
-        result = registry_api.set_alias(name, alias, ref, session, user, settings)
+        client = registry_client(settings.mlflow_url)
+        row, previous = registry.set_alias(session, client, name, alias, ref.version, user)
     except ValidationError as exc:
         errors = errors_from_validation(exc)
     except DomainError as exc:
         rolled_back(request)
         errors, status = {FORM: exc.detail}, exc.status
     else:
-        moved = (
-            f" (was v{result.previous_version})"
-            if result.previous_version not in (None, result.version)
-            else ""
-        )
-        flash(request, "success", f"{result.alias} → {name} v{result.version}{moved}.")
+        moved = f" (was v{previous})" if previous not in (None, row.version) else ""
+        flash(request, "success", f"{alias} → {name} v{row.version}{moved}.")
         return redirect(f"/models/{name}")
-    return _detail(request, session, user, name, values, errors, status)
+    return _detail(request, session, name, values, errors, status)
 
 
 @router.post("/models/{name}/aliases/{alias}/delete")
@@ -107,10 +105,11 @@ def delete_alias(
 ) -> Response:
     """Remove an alias (from MLflow, then Carrara), as `DELETE …/aliases/{alias}` does."""
     try:
-        result = registry_api.delete_alias(name, alias, session, user, settings)
+        client = registry_client(settings.mlflow_url)
+        version = registry.delete_alias(session, client, name, alias, user)
     except DomainError as exc:
         rolled_back(request)
         flash(request, "error", exc.detail)
     else:
-        flash(request, "success", f"Alias {alias} removed (it pointed at v{result.version}).")
+        flash(request, "success", f"Alias {alias} removed (it pointed at v{version}).")
     return redirect(f"/models/{name}")

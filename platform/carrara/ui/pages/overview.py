@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 from fastapi import Request, Response
 from sqlalchemy.orm import Session
 
-from carrara.auth.service import Principal
-from carrara.deployments import router as deployments_api
+from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentOut
 from carrara.errors import DomainError
-from carrara.monitoring import router as monitoring_api
-from carrara.monitoring.schemas import AlertOut
-from carrara.training import router as training_api
+from carrara.monitoring import service as monitoring
+from carrara.monitoring.schemas import AlertOut, MetricsOut, VerdictOut
+from carrara.training import service as training
+from carrara.training.schemas import RunOut
 from carrara.ui.charts import total_predictions
 from carrara.ui.pages import list_page, page_router
 from carrara.ui.security import PageSession, PageViewer
@@ -36,21 +36,20 @@ class LiveDeployment:
     problem: str = ""
 
 
-def live_deployments(session: Session, user: Principal) -> list[LiveDeployment]:
+def live_deployments(session: Session) -> list[LiveDeployment]:
     """Running deployments with their recent throughput and A/B verdict."""
-    page = deployments_api.list_deployments(
-        session, user, list_page(None, LIVE_DEPLOYMENTS), status_="running"
-    )
+    page = deployments.deployment_page(session, list_page(None, LIVE_DEPLOYMENTS), "running")
     end = datetime.now(UTC)
     lines = []
     for deployment in page.items:
         line = LiveDeployment(deployment, None, "", significant=False)
         try:
-            metrics = monitoring_api.get_metrics(
-                deployment.name, session, user, end - THROUGHPUT_WINDOW, end, "minute"
+            report = monitoring.metrics(
+                session, deployment.name, end - THROUGHPUT_WINDOW, end, "minute"
             )
+            metrics = MetricsOut.model_validate(report)
             line.per_minute = total_predictions(metrics) / (THROUGHPUT_WINDOW.seconds / 60)
-            verdict = monitoring_api.get_verdict(deployment.name, session, user)
+            verdict = VerdictOut.model_validate(monitoring.verdict(session, deployment.name))
             if verdict.comparisons:
                 line.verdict = "; ".join(c.verdict for c in verdict.comparisons)
                 line.significant = any(c.significant for c in verdict.comparisons)
@@ -62,19 +61,20 @@ def live_deployments(session: Session, user: Principal) -> list[LiveDeployment]:
     return lines
 
 
-def recent_alerts(session: Session, user: Principal, limit: int = 8) -> list[AlertOut]:
-    return monitoring_api.list_alerts(session, user, list_page(None, limit)).items
+def recent_alerts(session: Session, limit: int = 8) -> list[AlertOut]:
+    items, _ = monitoring.list_alerts(session, list_page(None, limit))
+    return [AlertOut.model_validate(a) for a in items]
 
 
 @router.get("/")
 def overview(request: Request, session: PageSession, user: PageViewer) -> Response:
     """Live deployments, recent runs and alerts."""
-    runs = training_api.list_runs(session, user, list_page(None, 8)).items
+    runs, _ = training.list_runs(session, list_page(None, 8))
     context = {
         "nav": "overview",
-        "deployments": live_deployments(session, user),
-        "runs": runs,
-        "alerts": recent_alerts(session, user),
+        "deployments": live_deployments(session),
+        "runs": [RunOut.from_run(r) for r in runs],
+        "alerts": recent_alerts(session),
     }
     return render(request, "overview.html", context)
 
@@ -82,5 +82,5 @@ def overview(request: Request, session: PageSession, user: PageViewer) -> Respon
 @router.get("/overview/live")
 def overview_live(request: Request, session: PageSession, user: PageViewer) -> Response:
     """The live deployments table (polled by the overview page)."""
-    context = {"deployments": live_deployments(session, user)}
+    context = {"deployments": live_deployments(session)}
     return render(request, "partials/overview_deployments.html", context)

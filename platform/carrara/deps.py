@@ -1,0 +1,118 @@
+"""The FastAPI dependencies shared by the REST routers and the UI pages, in one place.
+
+Layering (see docs/architecture.md): `*/router.py` (REST) and `ui/pages/*` (HTML) are adapters
+over each domain's `service.py`; both take their database session, settings, caller and path
+parameters from this module, and neither imports the other. Services never import this module
+(nor FastAPI's request machinery): they take a `Session`, plain values and the acting `Principal`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Path
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from carrara.api_types import PG_INT_MAX, DbId
+from carrara.auth.roles import Role
+from carrara.auth.service import Principal, authenticate
+from carrara.datasets.schemas import NAME_PATTERN as DATASET_NAME_PATTERN
+from carrara.db import get_session
+from carrara.deployments.schemas import NAME_PATTERN as DEPLOYMENT_NAME_PATTERN
+from carrara.errors import Forbidden, Unauthorized
+from carrara.pagination import PageParams, page_params
+from carrara.registry.schemas import ALIAS_PATTERN, MAX_VERSION, MODEL_NAME_PATTERN
+from carrara.settings import Settings, get_settings
+
+__all__ = [
+    "Admin",
+    "AliasName",
+    "DatasetName",
+    "DatasetVersionNumber",
+    "DbId",
+    "DeploymentName",
+    "Editor",
+    "ModelName",
+    "PageParamsDep",
+    "RunId",
+    "SessionDep",
+    "SettingsDep",
+    "VersionNumber",
+    "Viewer",
+    "bearer",
+    "current_principal",
+    "require",
+]
+
+# --- session, settings, pagination --------------------------------------------------------------
+
+# scope="function": the session commits before the response is sent, so a client that got a 201
+# can read what it created, and a failing commit is an error response rather than a lost write.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+PageParamsDep = Annotated[PageParams, Depends(page_params)]
+
+# --- the caller and its role ----------------------------------------------------------------------
+
+bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer crr_…`")
+
+
+def current_principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The principal behind the request's bearer token; 401 without a valid one."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("an API token is required: send `Authorization: Bearer <token>`")
+    return authenticate(session, credentials.credentials)
+
+
+def require(role: Role) -> Callable[[Principal], Principal]:
+    """Dependency factory: the principal, if its role is at least `role`; 403 otherwise."""
+
+    def _check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if not principal.can(role):
+            raise Forbidden(
+                f"this needs the {role.value} role; "
+                f"token '{principal.name}' has the {principal.role.value} role"
+            )
+        return principal
+
+    return _check
+
+
+Viewer = Annotated[Principal, Depends(require(Role.viewer))]
+Editor = Annotated[Principal, Depends(require(Role.editor))]
+Admin = Annotated[Principal, Depends(require(Role.admin))]
+
+# --- path parameters ----------------------------------------------------------------------------
+
+DatasetName = Annotated[
+    str,
+    Path(min_length=1, max_length=100, pattern=DATASET_NAME_PATTERN, description="Dataset name"),
+]
+DatasetVersionNumber = Annotated[int, Path(ge=1, le=PG_INT_MAX, description="Version number")]
+RunId = Annotated[int, Path(ge=1, le=PG_INT_MAX, description="Run id.")]
+ModelName = Annotated[
+    str,
+    Path(
+        pattern=MODEL_NAME_PATTERN,
+        max_length=200,
+        description="Registered model name (as in MLflow's registry)",
+    ),
+]
+AliasName = Annotated[
+    str,
+    Path(
+        pattern=ALIAS_PATTERN,
+        max_length=100,
+        description="Alias, e.g. `champion`; not `latest` nor `v<digits>` (MLflow reserves those)",
+    ),
+]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="Model version number")]
+DeploymentName = Annotated[
+    str,
+    Path(pattern=DEPLOYMENT_NAME_PATTERN, max_length=100, description="Deployment name (a slug)"),
+]
