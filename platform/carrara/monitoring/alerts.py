@@ -1,5 +1,8 @@
-"""Alerts (kept in Postgres, published to the alerts topic through the outbox) and the checks that
-raise them: input drift per feature, and the automatic promotion / rollback policies."""
+"""Alerts: kept in Postgres, published to the alerts topic through the outbox, listed by the API.
+
+Raised by the drift check here and by the automatic policies (carrara.monitoring.policies), which
+the monitor's housekeeping runs.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from carrara.models import Alert, FeatureDrift
+from carrara.models import Alert
+from carrara.monitoring.drift import live_counts
+from carrara.monitoring.queries import utc
 from carrara.monitoring.rules import feature_drift
 from carrara.monitoring.watched import Watched
 from carrara.outbox.service import enqueue_kafka
+from carrara.pagination import PageParams, paginate
 from carrara.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -76,19 +82,9 @@ def check_drift(session: Session, settings: Settings, w: Watched) -> list[Alert]
         return []
     since = datetime.now(UTC) - timedelta(seconds=settings.drift_window_s)
     threshold = w.config.drift_psi_threshold
-    rows = session.scalars(
-        select(FeatureDrift).where(
-            FeatureDrift.deployment == w.name,
-            FeatureDrift.model_version_id == w.profile_version_id,
-            FeatureDrift.bucket_start >= since,
-        )
-    ).all()
-    totals: dict[str, list[int]] = {}
-    for row in rows:
-        counts = totals.setdefault(row.feature, [0] * len(row.counts))
-        totals[row.feature] = [a + b for a, b in zip(counts, row.counts, strict=False)]
+    live = live_counts(session, w.name, w.profile_version_id, since, None)
     raised = []
-    for feature, counts in totals.items():
+    for feature, counts in live.counts.items():
         profile = w.profiles.get(feature)
         if profile is None or sum(counts) < settings.drift_min_events:
             continue
@@ -118,3 +114,22 @@ def check_drift(session: Session, settings: Settings, w: Watched) -> list[Alert]
         if alert is not None:
             raised.append(alert)
     return raised
+
+
+def list_alerts(
+    session: Session,
+    params: PageParams,
+    *,
+    deployment: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+) -> tuple[list[Alert], str | None]:
+    """Alerts newest first, filtered by deployment, kind and time."""
+    stmt = select(Alert)
+    if deployment:
+        stmt = stmt.where(Alert.deployment == deployment)
+    if kind:
+        stmt = stmt.where(Alert.kind == kind)
+    if since is not None:
+        stmt = stmt.where(Alert.at >= utc(since))
+    return paginate(session, stmt, Alert.id, params)

@@ -1,16 +1,15 @@
 """Automatic promotion and rollback, decided by the sequential A/B test on joined outcomes.
 
 Only outcomes of the current revision count (predictions made since it was created, by the model
-versions it serves), so a decision is never based on traffic another configuration produced.
+versions it serves), so a decision is never based on traffic another configuration produced. The
+evidence is the API's verdict (carrara.monitoring.verdict), and no action is taken before both the
+champion and the challenger have the policy's `min_outcomes`: rollback and promotion alike.
 Each action is a new deployment revision made through the same service as a `PUT` (validated,
 audited with the evidence as its reason, published to scorers), plus an alert with the evidence.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,33 +17,14 @@ from sqlalchemy.orm import Session
 from carrara.audit.service import MONITOR
 from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentPut
-from carrara.models import Deployment, DeploymentRevision, JoinedOutcome
+from carrara.models import Deployment, DeploymentRevision
 from carrara.monitoring.alerts import raise_alert
-from carrara.monitoring.rules import per_row_values
-from carrara.monitoring.statistics import sequential_test, verdict_text
+from carrara.monitoring.rules import policy_action
+from carrara.monitoring.verdict import revision_evidence
 from carrara.monitoring.watched import Watched
 from carrara.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-
-def _values(
-    session: Session, name: str, variant: dict[str, Any], since: Any, metric: str, task: str | None
-) -> np.ndarray:
-    rows = session.execute(
-        select(JoinedOutcome.score, JoinedOutcome.outcome, JoinedOutcome.correct).where(
-            JoinedOutcome.deployment == name,
-            JoinedOutcome.variant == variant["name"],
-            JoinedOutcome.model_version == variant["version"],
-            JoinedOutcome.predicted_at >= since,
-        )
-    ).all()
-    if not rows:
-        return np.empty(0)
-    scores = np.array([r[0] for r in rows], dtype=np.float64)
-    outcomes = np.array([r[1] for r in rows], dtype=np.float64)
-    correct = np.array([bool(r[2]) for r in rows], dtype=bool)
-    return per_row_values(metric, task, scores, outcomes, correct)
 
 
 def apply_policies(session: Session, settings: Settings, watched: Watched) -> str | None:
@@ -54,7 +34,7 @@ def apply_policies(session: Session, settings: Settings, watched: Watched) -> st
     )
     if deployment is None or deployment.stopped_at is not None:
         return None
-    monitoring, policy = deployments.monitoring_config(deployment)
+    _, policy = deployments.monitoring_config(deployment)
     if policy is None or not (policy.auto_promote or policy.auto_rollback):
         return None
     revision = session.scalar(
@@ -66,38 +46,25 @@ def apply_policies(session: Session, settings: Settings, watched: Watched) -> st
     if revision is None or not revision.spec:
         return None
     spec = revision.spec
-    metric = deployments.verdict_metric(session, spec)
-    champion_name = deployments.champion_of(spec)
-    variants = {v["name"]: v for v in spec["variants"]}
-    champion = variants[champion_name]
-    alpha = monitoring.alpha if monitoring is not None else 0.05
-    task = deployments.champion_task(session, spec)
-    champion_values = _values(session, deployment.name, champion, revision.created_at, metric, task)
+    # Live challengers with traffic, each judged against the champion only once both arms have
+    # the policy's `min_outcomes` (and at least the verdict's own minimum).
+    found = revision_evidence(
+        session,
+        deployment.name,
+        spec,
+        revision.created_at,
+        min_outcomes=policy.min_outcomes,
+        challengers=[v["name"] for v in spec["variants"] if not v["shadow"] and v["weight"] > 0],
+    )
+    champion_name = found.champion
     for variant in spec["variants"]:
-        if variant["shadow"] or variant["name"] == champion_name or variant["weight"] == 0:
+        ev = found.comparisons.get(variant["name"])
+        if ev is None or (action := policy_action(ev, policy)) is None:
             continue
-        challenger_values = _values(
-            session, deployment.name, variant, revision.created_at, metric, task
-        )
-        result = sequential_test(champion_values, challenger_values, metric=metric, alpha=alpha)
-        if not result.significant:
-            continue
-        evidence = {
-            "metric": metric,
-            "champion": champion_name,
-            "challenger": variant["name"],
-            "n_champion": result.n_champion,
-            "n_challenger": result.n_challenger,
-            "mean_champion": result.mean_champion,
-            "mean_challenger": result.mean_challenger,
-            "ci": [result.ci_low, result.ci_high],
-            "p_value": result.p_value,
-            "revision": revision.number,
-        }
-        text = verdict_text(result, champion_name, variant["name"])
+        evidence = {**ev.details(), "revision": revision.number}
+        text = ev.text
         new_variants = [dict(v) for v in spec["variants"]]
-        if result.better == "champion" and policy.auto_rollback:
-            action = "auto_rollback"
+        if action == "auto_rollback":
             for v in new_variants:
                 if v["name"] == variant["name"]:
                     moved, v["weight"] = v["weight"], 0
@@ -105,18 +72,11 @@ def apply_policies(session: Session, settings: Settings, watched: Watched) -> st
                 if v["name"] == champion_name:
                     v["weight"] += moved
             new_monitoring = spec.get("monitoring")
-        elif (
-            result.better == "challenger"
-            and policy.auto_promote
-            and result.n_challenger >= policy.min_outcomes
-        ):
-            action = "auto_promote"
+        else:
             for v in new_variants:
                 if not v["shadow"]:
                     v["weight"] = 100 if v["name"] == variant["name"] else 0
             new_monitoring = {**(spec.get("monitoring") or {}), "champion": variant["name"]}
-        else:
-            continue
         body = DeploymentPut.model_validate(
             {
                 **{k: spec[k] for k in ("input_topic", "output_topic", "key_field", "pool")},

@@ -33,9 +33,7 @@ def get_metrics(
     bucket: Annotated[Bucket, Query(description="Bucket size of the series")] = "minute",
 ) -> MetricsOut:
     """Per-variant time series (events, dead letters, latency, scores, live metrics) and totals."""
-    start, end = service.window(start, end)
-    report = service.metrics(session, name, start, end, bucket)
-    return MetricsOut.model_validate(report)
+    return MetricsOut.model_validate(service.metrics(session, name, start, end, bucket))
 
 
 @router.get("/{name}/verdict", response_model=VerdictOut)
@@ -49,7 +47,6 @@ def get_drift(
     name: DeploymentName, session: SessionDep, _: Viewer, start: From = None, end: To = None
 ) -> DriftOut:
     """Per feature: PSI (and KS) of live inputs vs. the champion model's training profile."""
-    start, end = service.window(start, end)
     return DriftOut.model_validate(service.drift(session, name, start, end))
 
 

@@ -156,7 +156,14 @@ def evidence(
 
 
 def policy_action(ev: Evidence, policy: Policy) -> str | None:
-    """What `policy` does on `ev` (its `min_outcomes` already applied): roll back, promote, none."""
+    """What `policy` does on `ev`: "auto_rollback", "auto_promote" or nothing (None).
+
+    Nothing before both arms have the policy's `min_outcomes` (and the verdict's own minimum),
+    whichever the action: a rollback needs as much evidence as a promotion.
+    """
+    n = min(ev.result.n_champion, ev.result.n_challenger)
+    if n < policy.min_outcomes or ev.better is None:
+        return None
     if ev.better == "champion" and policy.auto_rollback:
         return "auto_rollback"
     if ev.better == "challenger" and policy.auto_promote:

@@ -1,0 +1,351 @@
+"""Live metrics of a deployment: per-variant series of the monitor's minute rows re-bucketed,
+window totals, live AUC and outcome counts."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import ColumnElement, func, literal_column, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.orm import Session
+
+from carrara.deployments import service as deployments
+from carrara.errors import Invalid
+from carrara.models import JoinedOutcome, OutcomeStats, VariantMetrics
+from carrara.models.monitoring import LATENCY_EDGES_MS, SCORE_BINS
+from carrara.monitoring import statistics
+from carrara.monitoring.queries import (
+    BUCKETS,
+    check_bucket_count,
+    last_spec,
+    summed_arrays,
+    utc,
+    window,
+)
+from carrara.monitoring.rules import finite
+
+DEAD_LETTER_VARIANT = "-"
+
+
+def is_regression(task: str | None) -> bool:
+    """Whether outcomes are values (regression) rather than labels.
+
+    The monitor joins the outcomes of a model of unknown task as labels (classification).
+    """
+    return task == "regression"
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return finite(numerator / denominator) if denominator else None
+
+
+@dataclass
+class Sums:
+    """Summed variant_metrics columns of one bucket (or of the whole window)."""
+
+    predictions: int = 0
+    dead_letters: int = 0
+    score_sum: float = 0.0
+    score_histogram: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
+    latency_histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    outcomes: int = 0
+    correct: int = 0
+    log_loss_sum: float = 0.0
+    squared_error_sum: float = 0.0
+    absolute_error_sum: float = 0.0
+
+    def add(self, other: Sums) -> None:
+        for name in (
+            "predictions",
+            "dead_letters",
+            "score_sum",
+            "outcomes",
+            "correct",
+            "log_loss_sum",
+            "squared_error_sum",
+            "absolute_error_sum",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.score_histogram = _add(self.score_histogram, other.score_histogram)
+        self.latency_histogram = _add(self.latency_histogram, other.latency_histogram)
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    size = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(size)]
+
+
+@dataclass
+class MetricsPoint:
+    """Derived metrics of a span: what the API shows for a bucket or a window."""
+
+    predictions: int
+    dead_letters: int
+    mean_score: float | None
+    score_histogram: list[int]
+    latency_histogram: list[int]
+    p50_latency_ms: float | None
+    p99_latency_ms: float | None
+    outcomes: int
+    accuracy: float | None
+    log_loss: float | None
+    rmse: float | None
+    mae: float | None
+    bucket_start: datetime | None = None
+    auc: float | None = None
+
+
+def derive(sums: Sums, task: str | None, bucket_start: datetime | None = None) -> MetricsPoint:
+    """Means, rates and latency quantiles of summed counts (per the task: classification or not)."""
+    regression = is_regression(task)
+    latency = sums.latency_histogram
+    has_latency = len(latency) in (len(LATENCY_EDGES_MS), len(LATENCY_EDGES_MS) + 1)
+    mse = _ratio(sums.squared_error_sum, sums.outcomes)
+    return MetricsPoint(
+        bucket_start=bucket_start,
+        predictions=sums.predictions,
+        dead_letters=sums.dead_letters,
+        mean_score=_ratio(sums.score_sum, sums.predictions),
+        score_histogram=sums.score_histogram,
+        latency_histogram=latency,
+        p50_latency_ms=statistics.quantile_from_histogram(latency, LATENCY_EDGES_MS, 0.5)
+        if has_latency
+        else None,
+        p99_latency_ms=statistics.quantile_from_histogram(latency, LATENCY_EDGES_MS, 0.99)
+        if has_latency
+        else None,
+        outcomes=sums.outcomes,
+        accuracy=None if regression else _ratio(sums.correct, sums.outcomes),
+        log_loss=None if regression else _ratio(sums.log_loss_sum, sums.outcomes),
+        rmse=math.sqrt(mse) if regression and mse is not None else None,
+        mae=_ratio(sums.absolute_error_sum, sums.outcomes) if regression else None,
+    )
+
+
+@dataclass
+class VariantReport:
+    variant: str
+    shadow: bool
+    model_version: int | None
+    series: list[MetricsPoint]
+    totals: MetricsPoint
+
+
+@dataclass
+class OutcomeCounts:
+    matched: int = 0
+    late: int = 0
+    unmatched: int = 0
+    invalid: int = 0
+    expired_predictions: int = 0
+
+
+@dataclass
+class MetricsReport:
+    deployment: str
+    start: datetime
+    end: datetime
+    bucket: str
+    task: str | None
+    latency_edges_ms: list[float]
+    variants: list[VariantReport]
+    outcome_stats: OutcomeCounts
+
+
+def metrics(
+    session: Session,
+    name: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    bucket: str = "minute",
+) -> MetricsReport:
+    """Per-variant series of `bucket`-sized buckets in [start, end), with totals and live AUC.
+
+    The window defaults as `queries.window` says (the last hour). Minute rows are re-bucketed by
+    summing in SQL (`date_trunc` in UTC); buckets without rows are left out. Outcome stats are
+    those of outcomes that arrived in the window.
+    """
+    start, end = window(start, end)
+    if bucket not in BUCKETS:
+        raise Invalid(f"bucket must be one of {', '.join(BUCKETS)}, got {bucket!r}")
+    check_bucket_count(start, end, bucket)
+    deployment, _ = deployments.get_deployment(session, name)
+    spec = last_spec(session, deployment)
+    task = deployments.champion_task(session, spec)
+
+    # The unit is one of BUCKETS (checked above): a literal, so select and GROUP BY agree.
+    truncated = func.date_trunc(
+        literal_column(f"'{bucket}'"), VariantMetrics.bucket_start, literal_column("'UTC'")
+    ).label("b")
+    in_window = select(
+        VariantMetrics.variant,
+        truncated,
+        VariantMetrics.bucket_start,
+        VariantMetrics.shadow,
+        VariantMetrics.model_version,
+        VariantMetrics.predictions,
+        VariantMetrics.dead_letters,
+        VariantMetrics.score_sum,
+        VariantMetrics.score_histogram,
+        VariantMetrics.latency_histogram,
+        VariantMetrics.outcomes,
+        VariantMetrics.correct,
+        VariantMetrics.log_loss_sum,
+        VariantMetrics.squared_error_sum,
+        VariantMetrics.absolute_error_sum,
+    ).where(
+        VariantMetrics.deployment == name,
+        VariantMetrics.bucket_start >= start,
+        VariantMetrics.bucket_start < end,
+    )
+    rows = in_window.subquery()
+    c = rows.c
+    # The model version of the newest minute in the bucket.
+    newest_version = func.array_agg(aggregate_order_by(c.model_version, c.bucket_start.desc()))[1]
+    scalar_sums = session.execute(
+        select(
+            c.variant,
+            c.b,
+            func.bool_or(c.shadow),
+            newest_version,
+            func.sum(c.predictions),
+            func.sum(c.dead_letters),
+            func.sum(c.score_sum),
+            func.sum(c.outcomes),
+            func.sum(c.correct),
+            func.sum(c.log_loss_sum),
+            func.sum(c.squared_error_sum),
+            func.sum(c.absolute_error_sum),
+        )
+        .group_by(c.variant, c.b)
+        .order_by(c.variant, c.b)
+    ).all()
+    keys: list[ColumnElement[Any]] = [VariantMetrics.variant, truncated]
+    score_histograms = summed_arrays(session, in_window, VariantMetrics.score_histogram, keys)
+    latency_histograms = summed_arrays(session, in_window, VariantMetrics.latency_histogram, keys)
+
+    series: dict[str, list[MetricsPoint]] = defaultdict(list)
+    totals: dict[str, Sums] = defaultdict(Sums)
+    shadow: dict[str, bool] = {}
+    versions: dict[str, int | None] = {}
+    for (
+        variant,
+        bucket_start,
+        is_shadow,
+        version,
+        predictions,
+        dead_letters,
+        score_sum,
+        outcomes,
+        correct,
+        log_loss_sum,
+        squared_error_sum,
+        absolute_error_sum,
+    ) in scalar_sums:
+        sums = Sums(
+            predictions=int(predictions or 0),
+            dead_letters=int(dead_letters or 0),
+            score_sum=float(score_sum or 0.0),
+            score_histogram=_padded(score_histograms.get((variant, bucket_start)), SCORE_BINS),
+            latency_histogram=_padded(
+                latency_histograms.get((variant, bucket_start)), len(LATENCY_EDGES_MS) + 1
+            ),
+            outcomes=int(outcomes or 0),
+            correct=int(correct or 0),
+            log_loss_sum=float(log_loss_sum or 0.0),
+            squared_error_sum=float(squared_error_sum or 0.0),
+            absolute_error_sum=float(absolute_error_sum or 0.0),
+        )
+        series[variant].append(derive(sums, task, utc(bucket_start)))
+        totals[variant].add(sums)
+        shadow[variant] = shadow.get(variant, False) or bool(is_shadow)
+        if version is not None:
+            versions[variant] = int(version)
+
+    spec_variants = {v["name"]: v for v in spec["variants"]}
+    names = sorted(spec_variants) + sorted(
+        (set(series) - set(spec_variants)) - {DEAD_LETTER_VARIANT}
+    )
+    if DEAD_LETTER_VARIANT in series:
+        names.append(DEAD_LETTER_VARIANT)
+    aucs = _window_aucs(session, name, start, end) if not is_regression(task) else {}
+    reports = []
+    for variant in names:
+        in_spec = spec_variants.get(variant)
+        point = derive(totals[variant], task)
+        point.auc = aucs.get(variant)
+        reports.append(
+            VariantReport(
+                variant=variant,
+                shadow=shadow.get(variant, bool(in_spec and in_spec["shadow"])),
+                model_version=versions.get(variant, in_spec["version"] if in_spec else None),
+                series=series.get(variant, []),
+                totals=point,
+            )
+        )
+    return MetricsReport(
+        deployment=name,
+        start=start,
+        end=end,
+        bucket=bucket,
+        task=task,
+        latency_edges_ms=[float(e) for e in LATENCY_EDGES_MS],
+        variants=reports,
+        outcome_stats=_outcome_counts(session, name, start, end),
+    )
+
+
+def _padded(values: list[int] | None, size: int) -> list[int]:
+    values = list(values or [])
+    return values + [0] * (size - len(values)) if len(values) < size else values
+
+
+def _window_aucs(
+    session: Session, name: str, start: datetime, end: datetime
+) -> dict[str, float | None]:
+    """Live ROC AUC per variant of the outcomes joined to predictions made in the window."""
+    rows = session.execute(
+        select(JoinedOutcome.variant, JoinedOutcome.score, JoinedOutcome.outcome)
+        .where(
+            JoinedOutcome.deployment == name,
+            JoinedOutcome.predicted_at >= start,
+            JoinedOutcome.predicted_at < end,
+        )
+        .order_by(JoinedOutcome.variant)
+    ).all()
+    grouped: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for variant, score, outcome in rows:
+        grouped[variant][0].append(score)
+        grouped[variant][1].append(outcome)
+    aucs: dict[str, float | None] = {}
+    for variant, (scores, outcomes) in grouped.items():
+        y = np.asarray(outcomes, dtype=np.float64)
+        p = np.asarray(scores, dtype=np.float64)
+        # AUC needs 0/1 outcomes and finite scores (a multiclass join stores class indices).
+        if not (np.isin(y, (0.0, 1.0)).all() and np.isfinite(p).all()):
+            aucs[variant] = None
+            continue
+        aucs[variant] = finite(statistics.auc(p, y))
+    return aucs
+
+
+def _outcome_counts(session: Session, name: str, start: datetime, end: datetime) -> OutcomeCounts:
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(OutcomeStats.matched), 0),
+            func.coalesce(func.sum(OutcomeStats.late), 0),
+            func.coalesce(func.sum(OutcomeStats.unmatched), 0),
+            func.coalesce(func.sum(OutcomeStats.invalid), 0),
+            func.coalesce(func.sum(OutcomeStats.expired_predictions), 0),
+        ).where(
+            OutcomeStats.deployment == name,
+            OutcomeStats.bucket_start >= start,
+            OutcomeStats.bucket_start < end,
+        )
+    ).one()
+    return OutcomeCounts(*(int(v) for v in row))
