@@ -1,8 +1,13 @@
-"""Keyset pagination: `limit` + an opaque `cursor` (the last id seen), stable under inserts."""
+"""Keyset pagination: `limit` + an opaque `cursor` (the last id seen), stable under inserts.
+
+The cursor is opaque to clients but exactly described in the OpenAPI schema (`CURSOR_PATTERN`), so
+a generated client or a fuzzer can tell a well-formed cursor from a bad one: every string the
+pattern accepts is a cursor this API would accept.
+"""
 
 from __future__ import annotations
 
-import base64
+import re
 from typing import Annotated, Generic, TypeVar
 
 from fastapi import Query
@@ -10,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from carrara.api_types import PG_INT_MAX
 from carrara.errors import Invalid
 
 T = TypeVar("T")
@@ -26,27 +32,34 @@ class PageParams(BaseModel):
     after_id: int | None
 
 
+# The last id seen, in decimal. Ids are Postgres integers (at most 2**31 - 1); a larger cursor is
+# still well-formed and pages as if it were past the newest id.
+CURSOR_PATTERN = r"^[1-9][0-9]{0,9}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
+    return str(last_id)
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, value = raw.split(":", 1)
-        if prefix != "id":
-            raise ValueError(prefix)
-        last_id = int(value)
-        if not 0 < last_id <= 2**63 - 1:
-            raise ValueError(value)
-        return last_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Invalid(f"cursor {cursor!r} is not a cursor this API returned") from exc
+    if not _CURSOR.fullmatch(cursor):
+        raise Invalid(f"cursor {cursor!r} is not a cursor this API returned")
+    return int(cursor)
 
 
 def page_params(
     limit: Annotated[int, Query(ge=1, le=500, description="Items per page")] = 50,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="The `next_cursor` of the previous page (omit it for the first page). "
+            "Opaque: pass back what the API returned.",
+            pattern=CURSOR_PATTERN,
+            max_length=10,
+            examples=["1234"],
+        ),
+    ] = None,
 ) -> PageParams:
     """FastAPI dependency reading `limit` and `cursor`."""
     return PageParams(limit=limit, after_id=decode_cursor(cursor) if cursor else None)
@@ -66,7 +79,11 @@ def paginate(
     newest_first: bool = True,
 ) -> tuple[list[M], str | None]:
     """Run `stmt` one page at a time, ordered by `id_column`; returns (items, next cursor)."""
-    if params.after_id is not None:
+    if params.after_id is not None and params.after_id > PG_INT_MAX:
+        # Past every id: newest first, the page starts at the newest; oldest first, nothing is left.
+        if not newest_first:
+            return [], None
+    elif params.after_id is not None:
         stmt = stmt.where(
             id_column < params.after_id if newest_first else id_column > params.after_id
         )

@@ -3,9 +3,10 @@
 No generated request may produce a 5xx, and every response must match the documented status codes,
 content types and schemas, and schema-invalid requests must be refused with a 4xx. (Schemathesis's
 "positive data acceptance" check is left out on purpose: a schema-valid request may still name a
-topic that does not exist or a cursor this API never issued, and a precise 4xx is the right answer
-for those.) The API runs on a database of its own, so the fuzzer's writes (and any
-token it revokes) cannot disturb other tests.
+topic or a model version that does not exist, and a precise 4xx is the right answer for those;
+test_api_conventions.py runs every check on the paginated and dated operations.) The API runs on
+a database of its own, so the fuzzer's writes (and any token it revokes) cannot disturb other
+tests.
 """
 
 from __future__ import annotations

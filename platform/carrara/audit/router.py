@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from carrara.api_types import QueryDateTime
 from carrara.audit import service
 from carrara.audit.schemas import AuditEventOut
 from carrara.deps import PageParamsDep, SessionDep, Viewer
@@ -24,7 +24,7 @@ def list_audit_events(
     resource_id: Annotated[str | None, Query(max_length=200)] = None,
     action: Annotated[str | None, Query(max_length=100)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
-    since: datetime | None = None,
+    since: Annotated[QueryDateTime | None, Query(description="Only changes at or after")] = None,
 ) -> Page[AuditEventOut]:
     """Every change, newest first: who, what, when, and before/after where it matters.
 
