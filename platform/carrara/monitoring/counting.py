@@ -68,8 +68,10 @@ def count_prediction(
 
 def count_dead_letter(message: Message, name: str, deltas: Deltas) -> None:
     """Count a dead letter if deployment `name` sent it (its topic may be shared)."""
-    headers = dict(message.headers() or [])
-    if headers.get(H_DEPLOYMENT, b"").decode(errors="replace") != name:
+    sender = dict(message.headers() or []).get(H_DEPLOYMENT)
+    if isinstance(sender, bytes):
+        sender = sender.decode(errors="replace")
+    if sender != name:
         return
     deltas.variant(name, "-", minute(message.timestamp()[1])).dead_letters += 1
 

@@ -7,10 +7,9 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, func, literal_column, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
@@ -21,6 +20,7 @@ from carrara.models.monitoring import LATENCY_EDGES_MS, SCORE_BINS
 from carrara.monitoring import statistics
 from carrara.monitoring.queries import (
     BUCKETS,
+    Column,
     check_bucket_count,
     last_spec,
     summed_arrays,
@@ -225,7 +225,7 @@ def metrics(
         .group_by(c.variant, c.b)
         .order_by(c.variant, c.b)
     ).all()
-    keys: list[ColumnElement[Any]] = [VariantMetrics.variant, truncated]
+    keys: list[Column] = [VariantMetrics.variant, truncated]
     score_histograms = summed_arrays(session, in_window, VariantMetrics.score_histogram, keys)
     latency_histograms = summed_arrays(session, in_window, VariantMetrics.latency_histogram, keys)
 

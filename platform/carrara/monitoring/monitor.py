@@ -39,6 +39,7 @@ from carrara.monitoring.policies import apply_policies
 from carrara.monitoring.topology import Roles, roles_of, start_offsets
 from carrara.monitoring.watched import Watched, load_watched
 from carrara.settings import Settings
+from carrara.streams.consumed import position
 
 log = structlog.get_logger(__name__)
 GROUP_ID = "carrara-monitor"
@@ -120,7 +121,7 @@ class Monitor:
             pending: list[dict[str, Any]] = []
             outcomes: list[tuple[Message, set[str]]] = []
             for message in messages:
-                roles = self.roles.get(message.topic())
+                roles = self.roles.get(position(message)[0])
                 if roles is None:
                     continue
                 if roles.predictions:
@@ -136,11 +137,11 @@ class Monitor:
                 session.execute(insert(PendingPrediction).values(pending).on_conflict_do_nothing())
             blocked: dict[tuple[str, int], int] = {}
             for message, names in outcomes:
-                position = (message.topic(), message.partition())
-                if position in blocked:
+                topic, partition, offset = position(message)
+                if (topic, partition) in blocked:
                     continue  # keep the partition's order: nothing after a held outcome
                 if any(join.too_early(session, message, self.watched[name]) for name in names):
-                    blocked[position] = message.offset()
+                    blocked[(topic, partition)] = offset
                     continue
                 for name in names:
                     join.join_outcome(session, message, self.watched[name], deltas)

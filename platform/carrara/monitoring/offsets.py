@@ -10,20 +10,25 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from carrara.models import MonitorOffset
+from carrara.streams.consumed import position
 
 
 def unseen(session: Session, messages: list[Message]) -> list[Message]:
     """Lock the batch's offset rows; drop records an earlier transaction already applied."""
-    positions = {(m.topic(), m.partition()) for m in messages}
+    positions = [position(m) for m in messages]
     stored = {
         (row.topic, row.partition): row.next_offset
         for row in session.scalars(
             select(MonitorOffset)
-            .where(MonitorOffset.topic.in_({t for t, _ in positions}))
+            .where(MonitorOffset.topic.in_({t for t, _, _ in positions}))
             .with_for_update()
         )
     }
-    return [m for m in messages if m.offset() >= stored.get((m.topic(), m.partition()), -1)]
+    return [
+        m
+        for m, (topic, partition, offset) in zip(messages, positions, strict=True)
+        if offset >= stored.get((topic, partition), -1)
+    ]
 
 
 def store_offsets(
@@ -32,8 +37,8 @@ def store_offsets(
     """Store the next offset of each partition of the batch (a held outcome's own, if blocked)."""
     nexts: dict[tuple[str, int], int] = {}
     for m in messages:
-        key = (m.topic(), m.partition())
-        nexts[key] = max(nexts.get(key, 0), m.offset() + 1)
+        topic, partition, offset = position(m)
+        nexts[(topic, partition)] = max(nexts.get((topic, partition), 0), offset + 1)
     for key, offset in blocked.items():
         nexts[key] = offset  # the held outcome is not consumed yet
     stmt = insert(MonitorOffset).values(

@@ -4,11 +4,12 @@ ran with, and element-wise sums of the JSONB count arrays (histograms, drift bin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, ColumnElement, Select, cast, func, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from carrara.errors import Invalid
 from carrara.models import Deployment, DeploymentRevision
@@ -75,13 +76,26 @@ def last_spec(session: Session, deployment: Deployment) -> dict[str, Any]:
     return dict(spec)
 
 
+# A selected column: a mapped attribute or a labelled expression (`.key` names it in a subquery).
+Column = ColumnElement[Any] | InstrumentedAttribute[Any]
+
+
+def _key(column: Column) -> str:
+    if column.key is None:
+        raise ValueError(f"{column!r} has no name to select it by")
+    return column.key
+
+
 def summed_arrays(
-    session: Session, rows: Select[Any], array: ColumnElement[Any], keys: list[ColumnElement[Any]]
+    session: Session,
+    rows: Select[*tuple[Any, ...]],
+    array: Column,
+    keys: Sequence[Column],
 ) -> dict[tuple[Any, ...], list[int]]:
     """Element-wise sums of the JSONB int array `array` over `rows`, grouped by `keys` (in SQL)."""
     source = rows.subquery()
-    column = source.c[array.key]
-    grouped = [source.c[k.key] for k in keys]
+    column = source.c[_key(array)]
+    grouped = [source.c[_key(k)] for k in keys]
     element = (
         func.jsonb_array_elements_text(column)
         .table_valued("value", with_ordinality="ord")
@@ -93,7 +107,8 @@ def summed_arrays(
         .group_by(*grouped, element.c.ord)
     )
     sums: dict[tuple[Any, ...], list[int]] = {}
-    for *group, ordinal, total in session.execute(stmt):
+    for row in session.execute(stmt):
+        *group, ordinal, total = tuple(row)
         values = sums.setdefault(tuple(group), [])
         values.extend([0] * (ordinal - len(values)))
         values[ordinal - 1] = int(total)

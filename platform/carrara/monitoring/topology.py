@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 import structlog
 from confluent_kafka import OFFSET_END, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import (
+    AdminClient,
+    OffsetSpec,  # pyright: ignore[reportPrivateImportUsage]  (exported at runtime)
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
