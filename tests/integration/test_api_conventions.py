@@ -78,6 +78,22 @@ def test_a_query_date_time_is_never_a_number(
 
 
 @pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/api/v1/alerts", "since"),
+        ("/api/v1/deployments/some-deployment/metrics", "from"),
+        ("/api/v1/deployments/some-deployment/drift", "to"),
+    ],
+)
+def test_every_query_date_time_refuses_a_number(
+    client: TestClient, viewer_headers: dict[str, str], path: str, name: str
+) -> None:
+    response = client.get(path, params={name: "0.5"}, headers=viewer_headers)
+    assert response.status_code == 422, response.text
+    assert [e["field"] for e in response.json()["errors"]] == [f"query.{name}"]
+
+
+@pytest.mark.parametrize(
     "value", ["2024-05-01T10:00:00Z", "2024-05-01T10:00:00.123+02:00", "2024-05-01T10:00:00"]
 )
 def test_a_query_date_time_takes_rfc3339(
@@ -162,7 +178,7 @@ def test_schemathesis_all_checks_pass_on_paginated_and_dated_operations(
             "--phases",
             "examples,coverage,fuzzing",
             "--include-path-regex",
-            r"^/api/v1/(audit|tokens)$",
+            r"^/api/v1/(audit|tokens|alerts)$",
             "--max-examples",
             "30",
             "--seed",

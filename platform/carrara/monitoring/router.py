@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
+from carrara.api_types import QueryDateTime
 from carrara.deployments.schemas import NAME_PATTERN
 from carrara.deps import DeploymentName, SessionDep, Viewer
 from carrara.monitoring import service
@@ -15,11 +15,11 @@ router = APIRouter(prefix="/deployments", tags=["monitoring"])
 alerts_router = APIRouter(prefix="/alerts", tags=["monitoring"])
 
 From = Annotated[
-    datetime | None,
+    QueryDateTime | None,
     Query(alias="from", description="Window start, inclusive (default: `to` minus one hour)"),
 ]
 To = Annotated[
-    datetime | None, Query(alias="to", description="Window end, exclusive (default: now)")
+    QueryDateTime | None, Query(alias="to", description="Window end, exclusive (default: now)")
 ]
 
 
@@ -61,7 +61,9 @@ def list_alerts(
     kind: Annotated[
         str | None, Query(max_length=50, description="Only this kind, e.g. `drift`")
     ] = None,
-    since: Annotated[datetime | None, Query(description="Only alerts raised at or after")] = None,
+    since: Annotated[
+        QueryDateTime | None, Query(description="Only alerts raised at or after")
+    ] = None,
 ) -> Page[AlertOut]:
     """Alerts raised by the monitor (drift, automatic promotion/rollback), newest first."""
     items, cursor = service.list_alerts(
