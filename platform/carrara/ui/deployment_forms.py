@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from carrara.deployments.schemas import MonitoringConfig
 from carrara.ui.forms import checked, optional, text
 
 MAX_VARIANT_ROWS = 10
@@ -59,8 +60,9 @@ def deployment_body(
     outcomes = optional(form, "outcomes_topic")
     if outcomes is not None:
         monitoring["outcomes_topic"] = outcomes
-        monitoring["outcome_field"] = text(form, "outcome_field") or "label"
-        monitoring["join_by"] = text(form, "join_by") or "key"
+        defaults = MonitoringConfig()
+        monitoring["outcome_field"] = text(form, "outcome_field") or defaults.outcome_field
+        monitoring["join_by"] = text(form, "join_by") or defaults.join_by
     elif "outcomes_topic" in form:  # the field was shown and left empty: no outcome join
         monitoring.pop("outcomes_topic", None)
     if monitoring:

@@ -12,7 +12,13 @@ from sqlalchemy.orm import Session
 
 from carrara.auth.principal import Principal
 from carrara.deployments import service as deployments
-from carrara.deployments.schemas import NAME_PATTERN, DeploymentPut, RevisionOut, RollbackIn
+from carrara.deployments.schemas import (
+    NAME_PATTERN,
+    DeploymentPut,
+    MonitoringConfig,
+    RevisionOut,
+    RollbackIn,
+)
 from carrara.deps import DeploymentName, SettingsDep
 from carrara.errors import DomainError, Invalid, NotFound
 from carrara.registry import service as registry
@@ -46,8 +52,9 @@ def _form_values(spec: dict[str, Any], variants: list[dict[str, Any]]) -> dict[s
     }
     values["description"] = spec.get("description") or ""
     values["outcomes_topic"] = monitoring.get("outcomes_topic") or ""
-    values["outcome_field"] = monitoring.get("outcome_field") or "label"
-    values["join_by"] = monitoring.get("join_by") or "key"
+    defaults = MonitoringConfig()
+    values["outcome_field"] = monitoring.get("outcome_field") or defaults.outcome_field
+    values["join_by"] = monitoring.get("join_by") or defaults.join_by
     for i, variant in enumerate(variants[:MAX_VARIANT_ROWS]):
         prefix = f"variants-{i}-"
         version = variant.get("version") if variant.get("version") is not None else ""
@@ -106,7 +113,7 @@ def edit_deployment(
     spec = detail.spec.model_dump(mode="json")
     variants = spec["variants"]
     if challenger:
-        variants = with_challenger(variants, *_challenger_for(session, variants))
+        variants = with_challenger(variants, *_challenger_for(session, spec))
     values = _form_values(spec, variants)
     if challenger:
         values["reason"] = f"add a challenger at {CHALLENGER_WEIGHT}%"
@@ -115,15 +122,12 @@ def edit_deployment(
     )
 
 
-def _challenger_for(
-    session: Session, variants: list[dict[str, Any]]
-) -> tuple[str, str, int | None]:
-    """(name, model, version) of a new challenger: the live champion's model, newest version."""
-    taken = {v["name"] for v in variants}
+def _challenger_for(session: Session, spec: dict[str, Any]) -> tuple[str, str, int | None]:
+    """(name, model, version) of a new challenger: the champion's model, newest version."""
+    taken = {v["name"] for v in spec["variants"]}
     candidates = ("challenger", *(f"challenger-{i}" for i in range(2, 99)))
     name = next(n for n in candidates if n not in taken)
-    live = [v for v in variants if not v.get("shadow")] or variants
-    model = max(live, key=lambda v: v.get("weight", 0))["model"]
+    model = deployments.variant_of(spec, deployments.champion_of(spec))["model"]
     try:
         versions = registry.get_model(session, model).versions
     except NotFound:
