@@ -16,8 +16,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from carrara.api_types import PG_INT_MAX, DbId
+from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
-from carrara.auth.service import Principal, authenticate
+from carrara.auth.service import authenticate
 from carrara.datasets.schemas import NAME_PATTERN as DATASET_NAME_PATTERN
 from carrara.db import get_session
 from carrara.deployments.schemas import NAME_PATTERN as DEPLOYMENT_NAME_PATTERN

@@ -30,7 +30,7 @@ log = structlog.get_logger(__name__)
 
 
 def build_api_router() -> APIRouter:
-    """Everything under /api/v1; every route there needs an API token (see auth.dependencies)."""
+    """Everything under /api/v1; every route there needs an API token (see carrara.deps)."""
     api = APIRouter(prefix="/api/v1", responses=API_ERROR_RESPONSES)
     for router in (
         datasets_router,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
 from sqlalchemy import update
@@ -20,31 +19,13 @@ from carrara.models import TrainingRun
 from carrara.models.training import FINISHED_STATES
 from carrara.settings import Settings
 from carrara.training import service
-from carrara.training.pipeline import Outcome
+from carrara.training.pipeline import Job, Outcome
 
 log = structlog.get_logger(__name__)
 
 
 class RunStopped(Exception):
     """The run left `running` on this worker (cancelled or re-queued) while we worked."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything the worker needs, copied out of the database so no ORM object is held."""
-
-    run_id: int
-    attempt: int
-    algorithm: str
-    params: dict[str, Any]
-    holdout: dict[str, Any]
-    registered_model_name: str
-    dataset: str
-    dataset_version: int
-    topic: str
-    offsets: list[dict[str, int]]
-    event_count: int
-    schema: dict[str, Any]
 
 
 def sessions_for(settings: Settings) -> sessionmaker[Session]:

@@ -6,15 +6,42 @@ records what it returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from carrara.settings import Settings
 from carrara.streams.replay import replay_snapshot
 
-if TYPE_CHECKING:
-    from carrara.training.lease import Heartbeat, Job
+
+class Heartbeat(Protocol):
+    """What the pipeline needs of the worker's heartbeat (`lease.Heartbeat`)."""
+
+    progress: int
+
+    def beat(self) -> None:
+        """Beat now (after a long step)."""
+
+    def check(self) -> None:
+        """A checkpoint: raise `lease.RunStopped` if the run is no longer this worker's."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything the worker needs, copied out of the database so no ORM object is held."""
+
+    run_id: int
+    attempt: int
+    algorithm: str
+    params: dict[str, Any]
+    holdout: dict[str, Any]
+    registered_model_name: str
+    dataset: str
+    dataset_version: int
+    topic: str
+    offsets: list[dict[str, int]]
+    event_count: int
+    schema: dict[str, Any]
 
 
 @dataclass

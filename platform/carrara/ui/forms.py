@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from starlette.datastructures import ImmutableMultiDict
 
 from carrara.streams.event_schema import FeatureType
 from carrara.training.algorithms import CommonParams
@@ -244,7 +245,9 @@ def params_from_form(fields: list[ParamField], form: Mapping[str, Any]) -> dict[
     for f in fields:
         key = f"param.{f.name}"
         if f.kind == "boolean":
-            values = form.getlist(key) if hasattr(form, "getlist") else [form.get(key)]
+            # A posted form repeats a checkbox's name (hidden "false", then "true" if ticked).
+            multi = isinstance(form, ImmutableMultiDict)
+            values: list[Any] = form.getlist(key) if multi else [form.get(key)]
             if values and values[-1] is not None:
                 params[f.name] = values[-1] == "true"
             continue

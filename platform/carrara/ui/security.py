@@ -57,8 +57,8 @@ class UiSessionMiddleware:
             "path": UI_PREFIX,
             "same_site": "lax",
         }
-        self.plain = SessionMiddleware(app, https_only=False, **common)  # type: ignore[arg-type]
-        self.secure = SessionMiddleware(app, https_only=True, **common)  # type: ignore[arg-type]
+        self.plain = SessionMiddleware(app, https_only=False, **common)
+        self.secure = SessionMiddleware(app, https_only=True, **common)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
