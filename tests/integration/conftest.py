@@ -155,6 +155,28 @@ def topic_name(request: pytest.FixtureRequest, stack_settings: Settings) -> Iter
         admin.delete_topics([name])
 
 
+def _created_topics(settings: Settings, *names: str) -> Iterator[tuple[str, ...]]:
+    admin = TopicAdmin(settings.kafka_bootstrap)
+    for name in names:
+        admin.create_topic(name, 1)
+    yield names
+    admin.delete_topics([n for n in names if admin.partitions(n)])
+
+
+@pytest.fixture
+def io_topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, ...]]:
+    """Real input and output topics (one partition each) unique to the test, deleted afterwards."""
+    yield from _created_topics(stack_settings, f"{topic_name}-in", f"{topic_name}-out")
+
+
+@pytest.fixture
+def monitored_topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, ...]]:
+    """Real input, output and outcomes topics unique to the test, deleted afterwards."""
+    yield from _created_topics(
+        stack_settings, f"{topic_name}-in", f"{topic_name}-out", f"{topic_name}-outcomes"
+    )
+
+
 @pytest.fixture(scope="session")
 def mlflow_experiment(stack_settings: Settings) -> str:
     """An MLflow experiment for this test session, on the real tracking server."""

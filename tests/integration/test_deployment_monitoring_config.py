@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -83,17 +82,6 @@ def make_version(
 
 
 @pytest.fixture
-def topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, str, str]]:
-    """Real input, output and outcomes topics."""
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"{topic_name}-in", f"{topic_name}-out", f"{topic_name}-outcomes")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics([n for n in names if admin.partitions(n)])
-
-
-@pytest.fixture
 def models(db_session: Session) -> dict[str, ModelVersion]:
     return {
         "clf": make_version(db_session, "mon-clf", 1, task="binary"),
@@ -103,10 +91,10 @@ def models(db_session: Session) -> dict[str, ModelVersion]:
     }
 
 
-def body(topics: tuple[str, ...], **overrides: Any) -> dict[str, Any]:
+def body(monitored_topics: tuple[str, ...], **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "input_topic": topics[0],
-        "output_topic": topics[1],
+        "input_topic": monitored_topics[0],
+        "output_topic": monitored_topics[1],
         "key_field": "user_id",
         "variants": [
             {"name": "a", "model": "mon-clf", "version": 1, "weight": 70},
@@ -122,19 +110,19 @@ def body(topics: tuple[str, ...], **overrides: Any) -> dict[str, Any]:
 def test_monitoring_and_policy_are_stored_in_a_new_revision_and_returned(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
     db_session: Session,
 ) -> None:
-    first = client.put(f"{API}/mon", json=body(topics), headers=editor_headers)
+    first = client.put(f"{API}/mon", json=body(monitored_topics), headers=editor_headers)
     assert first.status_code == 201, first.text
     assert "monitoring" not in first.json()["spec"]
     assert "policy" not in first.json()["spec"]
 
-    monitoring = {"outcomes_topic": topics[2], "champion": "b", "metric": "accuracy"}
+    monitoring = {"outcomes_topic": monitored_topics[2], "champion": "b", "metric": "accuracy"}
     policy = {"auto_rollback": True, "min_outcomes": 50}
     second = client.put(
         f"{API}/mon",
-        json=body(topics, monitoring=monitoring, policy=policy, reason="watch it"),
+        json=body(monitored_topics, monitoring=monitoring, policy=policy, reason="watch it"),
         headers=editor_headers,
     )
     assert second.status_code == 201, second.text
@@ -145,7 +133,7 @@ def test_monitoring_and_policy_are_stored_in_a_new_revision_and_returned(
     assert (shown["revision"], shown["spec"]["monitoring"]) == (2, stored)
 
     # The defaults written out or left implicit are the same desired state.
-    explicit = body(topics, monitoring=stored, policy={**POLICY_DEFAULTS, **policy})
+    explicit = body(monitored_topics, monitoring=stored, policy={**POLICY_DEFAULTS, **policy})
     again = client.put(f"{API}/mon", json=explicit, headers=editor_headers)
     assert (again.status_code, again.json()["revision"]) == (200, 2)
 
@@ -171,21 +159,21 @@ def test_monitoring_and_policy_are_stored_in_a_new_revision_and_returned(
     assert "policy" not in payload
 
     # Dropping the config is a change too.
-    dropped = client.put(f"{API}/mon", json=body(topics), headers=editor_headers)
+    dropped = client.put(f"{API}/mon", json=body(monitored_topics), headers=editor_headers)
     assert (dropped.status_code, dropped.json()["revision"]) == (201, 3)
 
 
 @pytest.mark.usefixtures("models")
 def test_a_body_without_monitoring_keeps_its_spec_hash(
-    client: TestClient, editor_headers: dict[str, str], topics: tuple[str, str, str]
+    client: TestClient, editor_headers: dict[str, str], monitored_topics: tuple[str, str, str]
 ) -> None:
-    created = client.put(f"{API}/plain", json=body(topics), headers=editor_headers)
+    created = client.put(f"{API}/plain", json=body(monitored_topics), headers=editor_headers)
     assert created.status_code == 201
     revision = client.get(f"{API}/plain/revisions", headers=editor_headers).json()["items"][0]
     # The hash of the spec as stored before monitoring existed (no monitoring/policy keys).
     old_form = {
-        "input_topic": topics[0],
-        "output_topic": topics[1],
+        "input_topic": monitored_topics[0],
+        "output_topic": monitored_topics[1],
         "key_field": "user_id",
         "pool": "default",
         "description": "",
@@ -217,7 +205,7 @@ def test_a_body_without_monitoring_keeps_its_spec_hash(
         ],
     }
     assert revision["spec_hash"] == service.spec_hash(old_form)
-    explicit_nulls = body(topics, monitoring=None, policy=None)
+    explicit_nulls = body(monitored_topics, monitoring=None, policy=None)
     same = client.put(f"{API}/plain", json=explicit_nulls, headers=editor_headers)
     assert (same.status_code, same.json()["changed"], same.json()["revision"]) == (200, False, 1)
 
@@ -226,13 +214,13 @@ def test_a_body_without_monitoring_keeps_its_spec_hash(
 def test_outcomes_topic_must_exist_and_kafka_must_answer(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
     test_settings: Settings,
 ) -> None:
-    missing = f"{topics[2]}-missing"
+    missing = f"{monitored_topics[2]}-missing"
     response = client.put(
         f"{API}/mon",
-        json=body(topics, monitoring={"outcomes_topic": missing}),
+        json=body(monitored_topics, monitoring={"outcomes_topic": missing}),
         headers=editor_headers,
     )
     assert response.status_code == 422, response.text
@@ -244,7 +232,7 @@ def test_outcomes_topic_must_exist_and_kafka_must_answer(
     client.app.dependency_overrides[get_settings] = lambda: down  # type: ignore[attr-defined]
     unreachable = client.put(
         f"{API}/mon",
-        json=body(topics, monitoring={"outcomes_topic": topics[2]}),
+        json=body(monitored_topics, monitoring={"outcomes_topic": monitored_topics[2]}),
         headers=editor_headers,
     )
     assert unreachable.status_code == 503
@@ -255,16 +243,19 @@ def test_outcomes_topic_must_exist_and_kafka_must_answer(
 def test_rollback_checks_the_outcomes_topic_still_exists(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
     stack_settings: Settings,
 ) -> None:
-    watched = body(topics, monitoring={"outcomes_topic": topics[2]})
+    watched = body(monitored_topics, monitoring={"outcomes_topic": monitored_topics[2]})
     assert client.put(f"{API}/mon", json=watched, headers=editor_headers).status_code == 201
-    assert client.put(f"{API}/mon", json=body(topics), headers=editor_headers).status_code == 201
-    TopicAdmin(stack_settings.kafka_bootstrap).delete_topics([topics[2]])
+    assert (
+        client.put(f"{API}/mon", json=body(monitored_topics), headers=editor_headers).status_code
+        == 201
+    )
+    TopicAdmin(stack_settings.kafka_bootstrap).delete_topics([monitored_topics[2]])
     refused = client.post(f"{API}/mon/rollback", json={"revision": 1}, headers=editor_headers)
     assert refused.status_code == 422, refused.text
-    assert refused.json()["missing"] == [topics[2]]
+    assert refused.json()["missing"] == [monitored_topics[2]]
 
 
 @pytest.mark.parametrize(
@@ -321,13 +312,13 @@ def test_bad_monitoring_and_policy_are_refused_with_a_precise_422(
 def test_the_metric_must_suit_the_champion_models_task(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
     champion_model: str,
     metric: str,
     accepted: bool,
 ) -> None:
     spec = body(
-        topics,
+        monitored_topics,
         variants=[
             {"name": "champ", "model": champion_model, "version": 1, "weight": 60},
             {"name": "other", "model": "mon-reg", "version": 1, "weight": 40},
@@ -347,7 +338,7 @@ def test_the_metric_must_suit_the_champion_models_task(
 def test_the_task_comes_from_the_feature_profile_without_a_run(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
     db_session: Session,
 ) -> None:
     row = make_version(db_session, "mon-profiled", 1)
@@ -355,7 +346,7 @@ def test_the_task_comes_from_the_feature_profile_without_a_run(
     db_session.flush()
     assert service.model_task(db_session, "mon-profiled", 1) == "regression"
     spec = body(
-        topics,
+        monitored_topics,
         variants=[{"name": "a", "model": "mon-profiled", "version": 1, "weight": 100}],
         monitoring={"metric": "log_loss"},
     )
@@ -368,10 +359,10 @@ def test_the_task_comes_from_the_feature_profile_without_a_run(
 def test_monitoring_config_helper_gives_the_monitor_the_current_config(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
     db_session: Session,
 ) -> None:
-    client.put(f"{API}/mon", json=body(topics), headers=editor_headers)
+    client.put(f"{API}/mon", json=body(monitored_topics), headers=editor_headers)
     deployment = db_session.scalars(select(Deployment).where(Deployment.name == "mon")).one()
     assert service.monitoring_config(deployment) == (None, None)
     _, current = service.get_deployment(db_session, "mon")
@@ -380,14 +371,14 @@ def test_monitoring_config_helper_gives_the_monitor_the_current_config(
     assert service.verdict_metric(db_session, current.spec) == "log_loss"  # binary model
 
     watched = body(
-        topics,
-        monitoring={"outcomes_topic": topics[2], "champion": "b", "alpha": 0.01},
+        monitored_topics,
+        monitoring={"outcomes_topic": monitored_topics[2], "champion": "b", "alpha": 0.01},
         policy={"auto_promote": True},
     )
     client.put(f"{API}/mon", json=watched, headers=editor_headers)
     db_session.refresh(deployment)
     config, policy = service.monitoring_config(deployment)
-    assert config == MonitoringConfig(outcomes_topic=topics[2], champion="b", alpha=0.01)
+    assert config == MonitoringConfig(outcomes_topic=monitored_topics[2], champion="b", alpha=0.01)
     assert policy == Policy(auto_promote=True)
     _, current = service.get_deployment(db_session, "mon")
     assert current.spec is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from carrara.models import ModelAlias, ModelVersion, OutboxMessage
 from carrara.registry import service as registry
 from carrara.settings import Settings, get_settings
 from carrara.streams.deployment_spec import spec_from_dict
-from carrara.streams.topics import TopicAdmin
 
 API = "/api/v1/deployments"
 
@@ -41,17 +39,6 @@ def point_alias(session: Session, row: ModelVersion, alias: str) -> None:
 
 
 @pytest.fixture
-def topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, str]]:
-    """A real input and output topic for the deployment under test."""
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"{topic_name}-in", f"{topic_name}-out")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics(list(names))
-
-
-@pytest.fixture
 def models(db_session: Session) -> dict[str, ModelVersion]:
     return {
         "v1": make_version(db_session, "fraud-model", 1),
@@ -60,10 +47,10 @@ def models(db_session: Session) -> dict[str, ModelVersion]:
     }
 
 
-def body(topics: tuple[str, str], **overrides: Any) -> dict[str, Any]:
+def body(io_topics: tuple[str, str], **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "input_topic": topics[0],
-        "output_topic": topics[1],
+        "input_topic": io_topics[0],
+        "output_topic": io_topics[1],
         "key_field": "user_id",
         "variants": [
             {"name": "a", "model": "fraud-model", "version": 1, "weight": 90},
@@ -86,11 +73,11 @@ def outbox_rows(session: Session, name: str) -> list[OutboxMessage]:
 def test_put_stores_a_revision_only_when_the_spec_changes(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     db_session: Session,
     test_settings: Settings,
 ) -> None:
-    first = client.put(f"{API}/fraud", json=body(topics), headers=editor_headers)
+    first = client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers)
     assert first.status_code == 201, first.text
     created = first.json()
     assert created["changed"] is True
@@ -99,18 +86,18 @@ def test_put_stores_a_revision_only_when_the_spec_changes(
     assert created["spec"]["pool"] == "default"
     assert [v["name"] for v in created["spec"]["variants"]] == ["a", "b"]
 
-    again = client.put(f"{API}/fraud", json=body(topics), headers=editor_headers)
+    again = client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers)
     assert again.status_code == 200
     assert again.json()["changed"] is False
     assert again.json()["revision"] == 1
 
     # Variant order is not part of the desired state.
-    reordered = body(topics)
+    reordered = body(io_topics)
     reordered["variants"].reverse()
     same = client.put(f"{API}/fraud", json=reordered, headers=editor_headers)
     assert (same.status_code, same.json()["revision"]) == (200, 1)
 
-    shifted = body(topics, reason="ramp b up")
+    shifted = body(io_topics, reason="ramp b up")
     shifted["variants"][0]["weight"], shifted["variants"][1]["weight"] = 50, 50
     second = client.put(f"{API}/fraud", json=shifted, headers=editor_headers)
     assert second.status_code == 201
@@ -142,13 +129,13 @@ def test_put_stores_a_revision_only_when_the_spec_changes(
 def test_an_alias_is_resolved_to_a_version_when_applied(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     db_session: Session,
     models: dict[str, ModelVersion],
 ) -> None:
     point_alias(db_session, models["v1"], "champion")
     spec = body(
-        topics,
+        io_topics,
         variants=[
             {"name": "main", "model": "fraud-model", "alias": "champion", "weight": 100},
             {
@@ -222,32 +209,33 @@ def test_invalid_specs_are_refused_with_a_precise_422(
 
 @pytest.mark.usefixtures("models")
 def test_missing_versions_aliases_and_topics_are_named(
-    client: TestClient, editor_headers: dict[str, str], topics: tuple[str, str]
+    client: TestClient, editor_headers: dict[str, str], io_topics: tuple[str, str]
 ) -> None:
-    missing_version = body(topics, variants=[_variant("a", 100, version=7)])
+    missing_version = body(io_topics, variants=[_variant("a", 100, version=7)])
     response = client.put(f"{API}/fraud", json=missing_version, headers=editor_headers)
     assert response.status_code == 422
     assert (
         response.json()["detail"] == "variant 'a': model 'fraud-model' has no version 7 in Carrara"
     )
 
-    unknown_model = body(topics, variants=[_variant("a", 100, model="nope")])
+    unknown_model = body(io_topics, variants=[_variant("a", 100, model="nope")])
     response = client.put(f"{API}/fraud", json=unknown_model, headers=editor_headers)
     assert response.status_code == 422
     assert "model 'nope' is not registered" in response.json()["detail"]
 
     no_alias = body(
-        topics, variants=[{"name": "a", "model": "fraud-model", "alias": "champion", "weight": 100}]
+        io_topics,
+        variants=[{"name": "a", "model": "fraud-model", "alias": "champion", "weight": 100}],
     )
     response = client.put(f"{API}/fraud", json=no_alias, headers=editor_headers)
     assert response.status_code == 422
     assert "has no alias 'champion'" in response.json()["detail"]
 
-    missing_topic = body(topics, output_topic=f"{topics[1]}-missing")
+    missing_topic = body(io_topics, output_topic=f"{io_topics[1]}-missing")
     response = client.put(f"{API}/fraud", json=missing_topic, headers=editor_headers)
     assert response.status_code == 422
-    assert response.json()["missing"] == [f"{topics[1]}-missing"]
-    assert f"{topics[1]}-missing" in response.json()["detail"]
+    assert response.json()["missing"] == [f"{io_topics[1]}-missing"]
+    assert f"{io_topics[1]}-missing" in response.json()["detail"]
 
     assert client.get(f"{API}/fraud", headers=editor_headers).status_code == 404
 
@@ -256,12 +244,12 @@ def test_missing_versions_aliases_and_topics_are_named(
 def test_kafka_unreachable_gives_503_and_stores_nothing(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     test_settings: Settings,
 ) -> None:
     down = test_settings.model_copy(update={"kafka_bootstrap": "127.0.0.1:1"})
     client.app.dependency_overrides[get_settings] = lambda: down  # type: ignore[attr-defined]
-    response = client.put(f"{API}/fraud", json=body(topics), headers=editor_headers)
+    response = client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers)
     assert response.status_code == 503
     assert "Kafka" in response.json()["detail"]
     assert client.get(f"{API}/fraud", headers=editor_headers).status_code == 404
@@ -272,13 +260,15 @@ def test_roles_and_tokens_are_enforced(
     client: TestClient,
     editor_headers: dict[str, str],
     viewer_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
 ) -> None:
-    assert client.put(f"{API}/fraud", json=body(topics)).status_code == 401
-    refused = client.put(f"{API}/fraud", json=body(topics), headers=viewer_headers)
+    assert client.put(f"{API}/fraud", json=body(io_topics)).status_code == 401
+    refused = client.put(f"{API}/fraud", json=body(io_topics), headers=viewer_headers)
     assert refused.status_code == 403
     assert "editor" in refused.json()["detail"]
-    assert client.put(f"{API}/fraud", json=body(topics), headers=editor_headers).status_code == 201
+    assert (
+        client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers).status_code == 201
+    )
     assert client.get(f"{API}/fraud", headers=viewer_headers).status_code == 200
     assert client.get(API).status_code == 401
     for method, path, kwargs in (
@@ -290,10 +280,10 @@ def test_roles_and_tokens_are_enforced(
 
 @pytest.mark.usefixtures("models")
 def test_rollback_makes_a_new_revision_with_an_old_spec(
-    client: TestClient, editor_headers: dict[str, str], topics: tuple[str, str]
+    client: TestClient, editor_headers: dict[str, str], io_topics: tuple[str, str]
 ) -> None:
-    client.put(f"{API}/fraud", json=body(topics), headers=editor_headers)
-    changed = body(topics, variants=[_variant("a", 100, version=2)])
+    client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers)
+    changed = body(io_topics, variants=[_variant("a", 100, version=2)])
     client.put(f"{API}/fraud", json=changed, headers=editor_headers)
 
     rolled = client.post(
@@ -321,10 +311,10 @@ def test_rollback_makes_a_new_revision_with_an_old_spec(
 def test_delete_stops_and_a_later_put_or_rollback_starts_again(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     db_session: Session,
 ) -> None:
-    client.put(f"{API}/fraud", json=body(topics), headers=editor_headers)
+    client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers)
     stopped = client.delete(f"{API}/fraud", params={"reason": "incident"}, headers=editor_headers)
     assert stopped.status_code == 200, stopped.text
     assert stopped.json()["status"] == "stopped"
@@ -349,7 +339,7 @@ def test_delete_stops_and_a_later_put_or_rollback_starts_again(
     assert "is a stop" in refused.json()["detail"]
 
     # The same body as before the stop starts it again, as a new revision.
-    restarted = client.put(f"{API}/fraud", json=body(topics), headers=editor_headers)
+    restarted = client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers)
     assert restarted.status_code == 201
     assert (restarted.json()["revision"], restarted.json()["status"]) == (3, "running")
     assert restarted.json()["stopped_at"] is None
@@ -363,10 +353,10 @@ def test_delete_stops_and_a_later_put_or_rollback_starts_again(
 
 @pytest.mark.usefixtures("models")
 def test_every_change_is_audited_with_before_and_after(
-    client: TestClient, editor_headers: dict[str, str], topics: tuple[str, str]
+    client: TestClient, editor_headers: dict[str, str], io_topics: tuple[str, str]
 ) -> None:
-    first = client.put(f"{API}/fraud", json=body(topics), headers=editor_headers).json()
-    second = body(topics, variants=[_variant("a", 100, version=2)])
+    first = client.put(f"{API}/fraud", json=body(io_topics), headers=editor_headers).json()
+    second = body(io_topics, variants=[_variant("a", 100, version=2)])
     second_spec = client.put(f"{API}/fraud", json=second, headers=editor_headers).json()["spec"]
     client.delete(f"{API}/fraud", headers=editor_headers)
     events = client.get(
@@ -392,10 +382,10 @@ def test_list_filters_by_status_and_name_and_paginates(
     client: TestClient,
     viewer_headers: dict[str, str],
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
 ) -> None:
     for name in ("list-a", "list-b", "list-c"):
-        assert client.put(f"{API}/{name}", json=body(topics), headers=editor_headers).is_success
+        assert client.put(f"{API}/{name}", json=body(io_topics), headers=editor_headers).is_success
     client.delete(f"{API}/list-b", headers=editor_headers)
 
     page = client.get(API, params={"name": "list-", "limit": 2}, headers=viewer_headers).json()

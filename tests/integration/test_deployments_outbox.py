@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ def deployments_topic(
     settings = test_settings.model_copy(update={"deployments_topic": topic_name})
     client.app.dependency_overrides[get_settings] = lambda: settings  # type: ignore[attr-defined]
     return topic_name
-
-
-@pytest.fixture
-def io_topics(stack_settings: Settings) -> Iterator[tuple[str, str]]:
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"outbox-in-{uuid.uuid4().hex[:8]}", f"outbox-out-{uuid.uuid4().hex[:8]}")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics(list(names))
 
 
 def spec_body(topics: tuple[str, str], model: str, version: int) -> dict[str, object]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +20,12 @@ from sqlalchemy.orm import Session
 
 from carrara.registry import service as registry
 from carrara.settings import Settings
-from carrara.streams.topics import TopicAdmin
 from tests.integration.conftest import LiveApi, run_cli
 
 
 def _json(result: Any) -> Any:
     assert result.returncode == 0, result.stderr
     return orjson.loads(result.stdout)
-
-
-@pytest.fixture
-def io_topics(stack_settings: Settings) -> Iterator[tuple[str, str]]:
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"cli-in-{uuid.uuid4().hex[:8]}", f"cli-out-{uuid.uuid4().hex[:8]}")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics(list(names))
 
 
 def test_models_cli_imports_shows_and_aliases(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -102,16 +101,6 @@ def joined(
 
 
 @pytest.fixture
-def topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, str]]:
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"{topic_name}-in", f"{topic_name}-out")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics(list(names))
-
-
-@pytest.fixture
 def versions(db_session: Session) -> dict[str, ModelVersion]:
     return {
         "a": make_version(db_session, "mon-api-model", 1),
@@ -120,10 +109,10 @@ def versions(db_session: Session) -> dict[str, ModelVersion]:
     }
 
 
-def deployment_body(topics: tuple[str, str], **overrides: Any) -> dict[str, Any]:
+def deployment_body(io_topics: tuple[str, str], **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "input_topic": topics[0],
-        "output_topic": topics[1],
+        "input_topic": io_topics[0],
+        "output_topic": io_topics[1],
         "key_field": "user_id",
         "variants": [
             {"name": "a", "model": "mon-api-model", "version": 1, "weight": 60},
@@ -139,10 +128,10 @@ def deployment_body(topics: tuple[str, str], **overrides: Any) -> dict[str, Any]
 def deployed(
     client: TestClient,
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     versions: dict[str, ModelVersion],
 ) -> str:
-    response = client.put(f"{API}/mon", json=deployment_body(topics), headers=editor_headers)
+    response = client.put(f"{API}/mon", json=deployment_body(io_topics), headers=editor_headers)
     assert response.status_code == 201, response.text
     return "mon"
 
@@ -321,13 +310,14 @@ def test_regression_metrics_are_rmse_and_mae(
     client: TestClient,
     viewer_headers: dict[str, str],
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     db_session: Session,
 ) -> None:
     row = make_version(db_session, "mon-api-regressor", 1)
     row.feature_profile = {"task": "regression", "features": {}}
     spec = deployment_body(
-        topics, variants=[{"name": "r", "model": "mon-api-regressor", "version": 1, "weight": 100}]
+        io_topics,
+        variants=[{"name": "r", "model": "mon-api-regressor", "version": 1, "weight": 100}],
     )
     assert client.put(f"{API}/reg", json=spec, headers=editor_headers).status_code == 201
     db_session.add(
@@ -419,7 +409,7 @@ def test_verdict_picks_the_better_variant(
     client: TestClient,
     viewer_headers: dict[str, str],
     editor_headers: dict[str, str],
-    topics: tuple[str, str],
+    io_topics: tuple[str, str],
     deployed: str,
     db_session: Session,
 ) -> None:
@@ -462,7 +452,7 @@ def test_verdict_picks_the_better_variant(
     assert s["verdict"].startswith("not enough outcomes yet")
 
     # b as the configured champion, judged on accuracy: now a is the challenger that wins.
-    spec = deployment_body(topics, monitoring={"champion": "b", "metric": "accuracy"})
+    spec = deployment_body(io_topics, monitoring={"champion": "b", "metric": "accuracy"})
     assert client.put(f"{API}/{deployed}", json=spec, headers=editor_headers).status_code == 201
     _revision_made_at(db_session, deployed, BASE)  # as if made before the outcomes above
     verdict = client.get(f"{API}/{deployed}/verdict", headers=viewer_headers).json()
@@ -678,9 +668,9 @@ def test_cli_status_shows_rollout_metrics_verdict_drift_and_alerts(
     suffix = uuid.uuid4().hex[:8]
     name = f"status-{suffix}"
     model = f"status-model-{suffix}"
-    topics = (f"status-in-{suffix}", f"status-out-{suffix}")
+    io_topics = (f"status-in-{suffix}", f"status-out-{suffix}")
     admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    for topic in topics:
+    for topic in io_topics:
         admin.create_topic(topic, 1)
     try:
         rng = np.random.default_rng(5)
@@ -695,8 +685,8 @@ def test_cli_status_shows_rollout_metrics_verdict_drift_and_alerts(
         applied = httpx.put(
             f"{live_api.url}/api/v1/deployments/{name}",
             json={
-                "input_topic": topics[0],
-                "output_topic": topics[1],
+                "input_topic": io_topics[0],
+                "output_topic": io_topics[1],
                 "key_field": "user_id",
                 "variants": [
                     {"name": "a", "model": model, "version": 1, "weight": 50},
@@ -797,7 +787,7 @@ def test_cli_status_shows_rollout_metrics_verdict_drift_and_alerts(
         assert missing.returncode == 2
         assert "does not exist" in missing.stderr
     finally:
-        admin.delete_topics(list(topics))
+        admin.delete_topics(list(io_topics))
 
 
 def test_latency_quantile_math_is_the_documented_interpolation() -> None:

@@ -4,12 +4,10 @@ log (actor `monitor`) with the verdict's evidence, and UI changes are audited li
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
@@ -20,7 +18,6 @@ from carrara.monitoring.policies import apply_policies
 from carrara.monitoring.watched import Watched
 from carrara.registry import service as registry
 from carrara.settings import Settings
-from carrara.streams.topics import TopicAdmin
 
 NAME = "audited-rollback"
 OUTCOMES_PER_ARM = 200
@@ -58,17 +55,6 @@ def _binary_version(session: Session, model: str, version: int) -> None:
     session.flush()
 
 
-@pytest.fixture
-def topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, str, str]]:
-    """Real input, output and outcomes topics (a revision's topics are checked in Kafka)."""
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"{topic_name}-in", f"{topic_name}-out", f"{topic_name}-outcomes")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics([n for n in names if admin.partitions(n)])
-
-
 def _seed_outcomes(session: Session, variant: str, version: int, *, good: bool) -> None:
     """Joined outcomes of one variant: confident and right (`good`), or confidently wrong."""
     now = datetime.now(UTC)  # after the revision's creation (the transaction's start)
@@ -97,19 +83,19 @@ def test_an_automatic_rollback_by_the_monitor_is_audited_with_its_evidence(
     db_session: Session,
     editor_headers: dict[str, str],
     test_settings: Settings,
-    topics: tuple[str, str, str],
+    monitored_topics: tuple[str, str, str],
 ) -> None:
     _binary_version(db_session, "audited-clf", 1)
     _binary_version(db_session, "audited-clf", 2)
     spec: dict[str, Any] = {
-        "input_topic": topics[0],
-        "output_topic": topics[1],
+        "input_topic": monitored_topics[0],
+        "output_topic": monitored_topics[1],
         "key_field": "user_id",
         "variants": [
             {"name": "champion", "model": "audited-clf", "version": 1, "weight": 80},
             {"name": "challenger", "model": "audited-clf", "version": 2, "weight": 20},
         ],
-        "monitoring": {"outcomes_topic": topics[2], "champion": "champion"},
+        "monitoring": {"outcomes_topic": monitored_topics[2], "champion": "champion"},
         "policy": {"auto_rollback": True, "min_outcomes": 50},
         "reason": "try the challenger",
     }

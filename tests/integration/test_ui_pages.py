@@ -90,16 +90,6 @@ def editor(client: TestClient, db_session: Session) -> str:
     return sign_in(client, token(db_session, Role.editor, "ui-editor"))
 
 
-@pytest.fixture
-def topics(topic_name: str, stack_settings: Settings) -> Iterator[tuple[str, str]]:
-    admin = TopicAdmin(stack_settings.kafka_bootstrap)
-    names = (f"{topic_name}-in", f"{topic_name}-out")
-    for name in names:
-        admin.create_topic(name, 1)
-    yield names
-    admin.delete_topics(list(names))
-
-
 def test_pages_redirect_to_sign_in_and_back(client: TestClient, db_session: Session) -> None:
     response = client.get("/ui/runs?status=failed", follow_redirects=False)
     assert response.status_code == 303
@@ -433,7 +423,7 @@ def test_the_run_form_is_generated_from_the_algorithms_and_validated_by_them(
 
 
 def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
-    client: TestClient, editor: str, db_session: Session, topics: tuple[str, str]
+    client: TestClient, editor: str, db_session: Session, io_topics: tuple[str, str]
 ) -> None:
     for version in (1, 2):
         registry.register_version(db_session, "ui-model", version, None, "models:/x", {})
@@ -441,8 +431,8 @@ def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
     form = {
         "csrf_token": editor,
         "name": "ui-scoring",
-        "input_topic": topics[0],
-        "output_topic": topics[1],
+        "input_topic": io_topics[0],
+        "output_topic": io_topics[1],
         "key_field": "user",
         "pool": "default",
         "variants-0-name": "champion",
