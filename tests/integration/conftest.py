@@ -259,7 +259,7 @@ class LiveApi:
     log: Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -272,7 +272,7 @@ def running_api(database_url: str, label: str, **env_overrides: str) -> Iterator
     with Session(engine) as session, session.begin():
         _, secret = create_token(session, f"{label}-admin-{RUN_ID}", Role.admin, created_by=None)
     engine.dispose()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CARRARA_DATABASE_URL": database_url,

@@ -13,14 +13,9 @@ from pathlib import Path
 import orjson
 
 from tests.conftest import ROOT
+from tests.integration.conftest import free_port
 
 CARRARA = str(Path(sys.executable).parent / "carrara")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _carrara(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -58,7 +53,7 @@ def test_up_is_idempotent_on_a_running_stack() -> None:
 
 
 def test_an_isolated_stack_starts_once_and_stops_only_its_own_process(tmp_path: Path) -> None:
-    env = {"CARRARA_HOME": str(tmp_path / "home"), "CARRARA_REDIS_PORT": str(_free_port())}
+    env = {"CARRARA_HOME": str(tmp_path / "home"), "CARRARA_REDIS_PORT": str(free_port())}
     first = _carrara("stack", "up", "redis", env=env)
     assert first.returncode == 0, first.stderr
     pid_file = tmp_path / "home" / "run" / "redis.pid"
@@ -107,11 +102,11 @@ def test_up_of_an_app_service_starts_what_it_needs_first() -> None:
         redis_port = squatter.getsockname()[1]
         env = {
             "CARRARA_HOME": str(home),
-            "CARRARA_PG_PORT": str(_free_port()),
+            "CARRARA_PG_PORT": str(free_port()),
             "CARRARA_REDIS_PORT": str(redis_port),
-            "CARRARA_KAFKA_PORT": str(_free_port()),
-            "CARRARA_MLFLOW_PORT": str(_free_port()),
-            "CARRARA_API_PORT": str(_free_port()),
+            "CARRARA_KAFKA_PORT": str(free_port()),
+            "CARRARA_MLFLOW_PORT": str(free_port()),
+            "CARRARA_API_PORT": str(free_port()),
         }
         try:
             result = _carrara("stack", "up", "api", "worker", env=env)
