@@ -199,6 +199,25 @@ def _run_with_key(engine: Engine, key: str, proc: subprocess.Popen[str]) -> int:
         time.sleep(0.1)
 
 
+def _polls(live_api: LiveApi, run_id: int) -> int:
+    """How many times the run was fetched, from the API's access log: the waiting CLI's progress."""
+    return live_api.log.read_text(errors="replace").count(f'"GET /api/v1/runs/{run_id} HTTP')
+
+
+def _wait_for_polls(live_api: LiveApi, run_id: int, proc: subprocess.Popen[str]) -> None:
+    """Wait until the CLI has checked the run twice more, so it has seen the run's current state
+    (and did not stop on it)."""
+    target = _polls(live_api, run_id) + 2
+    deadline = time.monotonic() + 30
+    while _polls(live_api, run_id) < target:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the CLI stopped polling run {run_id} (exit {proc.returncode}): {err}")
+        time.sleep(0.05)
+
+
 def _as_worker(engine: Engine, run_id: int, step: Callable[[Session, TrainingRun], object]) -> None:
     """Apply a worker transition to the run and commit it, as the training worker will."""
     with Session(engine) as session, session.begin():
@@ -212,12 +231,12 @@ def test_wait_exits_0_when_the_run_succeeds(
     proc = _popen_wait(live_api, dataset_name, key, "--timeout", "120")
     run_id = _run_with_key(engine, key, proc)
     taken_runs.append(run_id)
-    time.sleep(0.5)
-    assert proc.poll() is None  # still waiting on the queued run
+    _wait_for_polls(live_api, run_id, proc)
+    assert proc.poll() is None  # it saw the queued run, and still waits
     _as_worker(engine, run_id, service.mark_running)
     _as_worker(engine, run_id, lambda s, r: service.record_progress(s, r, 600))
-    time.sleep(0.5)
-    assert proc.poll() is None
+    _wait_for_polls(live_api, run_id, proc)
+    assert proc.poll() is None  # it saw the run at 600/1000, and still waits
     _as_worker(engine, run_id, lambda s, r: service.record_progress(s, r, 1000))
     _as_worker(
         engine,
