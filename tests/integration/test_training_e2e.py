@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,13 +98,19 @@ class TrainingStack:
             self.worker = None
 
     def wait_for(self, run_id: int, states: set[str], timeout: float = 240) -> dict[str, Any]:
+        return self.wait_until(run_id, lambda run: run["status"] in states, timeout)
+
+    def wait_until(
+        self, run_id: int, seen: Callable[[dict[str, Any]], bool], timeout: float = 240
+    ) -> dict[str, Any]:
+        """The run as the API shows it, once `seen(run)` holds."""
         deadline = time.monotonic() + timeout
         while True:
             run = self.call("GET", f"/runs/{run_id}").json()
-            if run["status"] in states:
+            if seen(run):
                 return run
             assert time.monotonic() < deadline, f"run {run_id} still {run['status']}: {run}"
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -311,8 +317,20 @@ def test_a_worker_killed_mid_run_never_leaves_the_run_running(
     run_id = _start(stack, dataset, version, "random_forest", n_estimators=1500)
     running = stack.wait_for(run_id, {"running", "succeeded", "failed"}, timeout=120)
     assert running["status"] == "running", running
-    time.sleep(1.5)
+    # Visible progress first: the snapshot is replayed and the worker has beaten since, so it is
+    # training (1500 trees take seconds) when it is killed.
+    replayed = stack.wait_until(
+        run_id, lambda r: r["events_replayed"] == r["events_total"] > 0 or r["status"] != "running"
+    )
+    stack.wait_until(
+        run_id, lambda r: r["heartbeat_at"] != replayed["heartbeat_at"] or r["status"] != "running"
+    )
     stack.kill_worker()
+    at_kill = stack.call("GET", f"/runs/{run_id}").json()
+    # The kill landed mid-run: replayed, not finished, still held by the dead worker.
+    assert at_kill["status"] == "running", at_kill
+    assert at_kill["events_replayed"] == at_kill["events_total"]
+    assert at_kill["finished_at"] is None
 
     requeued = stack.wait_for(run_id, {"queued", "failed", "succeeded"}, timeout=90)
     assert requeued["status"] == "queued", requeued
