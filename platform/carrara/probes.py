@@ -1,4 +1,5 @@
-"""The scorer's HTTP server: /metrics (Prometheus), /healthz (alive), /readyz (models loaded)."""
+"""The HTTP probe server of the stream processes (scorer, monitor): /metrics (Prometheus),
+/healthz (alive: every loop makes progress), /readyz (ready to serve)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 def serve(
     port: int,
     *,
-    healthy: Callable[[], bool],
+    healthy: Callable[[], tuple[bool, dict[str, object]]],
     readiness: Callable[[], tuple[bool, dict[str, object]]],
     host: str = "0.0.0.0",
 ) -> ThreadingHTTPServer:
@@ -24,8 +25,9 @@ def serve(
             if self.path == "/metrics":
                 self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                ok = healthy()
-                self._send(200 if ok else 503, orjson.dumps({"alive": ok}), "application/json")
+                ok, detail = healthy()
+                body = orjson.dumps({"alive": ok, **detail})
+                self._send(200 if ok else 503, body, "application/json")
             elif self.path == "/readyz":
                 ok, detail = readiness()
                 self._send(

@@ -76,12 +76,21 @@ class Settings(BaseSettings):
     scorer_batch_ms: int = Field(default=20, ge=1, le=60_000)
     scorer_max_event_bytes: int = Field(default=1_000_000, ge=1)
     scorer_metrics_port: int = 9400
+    # The monitor's /metrics, /healthz and /readyz (0: any free port).
+    monitor_metrics_port: int = 9390
     scorer_status_interval_s: float = 10.0
     # Static group membership (group.instance.id = instance id) keeps partitions through a quick
     # restart, but a static member does not leave the group on shutdown: enable it only where
     # instance ids are stable (a StatefulSet), never with pods that get new names.
     scorer_static_membership: bool = False
     scorer_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=300_000)
+    # A loop (a deployment's scoring loop, the monitor, the outbox relay) that has work waiting
+    # and completes nothing for this long is stalled: it shows as `stalled` and fails /healthz,
+    # so the orchestrator restarts the process.
+    stall_timeout_s: float = Field(default=60.0, ge=1.0, le=3600.0)
+    # Deadline of one blocking Kafka client call (commit, flush, send offsets, close); a call past
+    # it means the client is rebuilt (librdkafka can ignore its own timeouts during an outage).
+    kafka_call_timeout_s: float = Field(default=30.0, ge=1.0, le=600.0)
 
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""

@@ -166,7 +166,9 @@ def ui_stack(stack_settings: Settings) -> Iterator[UiStack]:
                     ],
                     {**db_env, **SCORER_ENV},
                 ),
-                start_process("monitor", [str(BIN / "carrara-monitor")], db_env),
+                start_process(
+                    "monitor", [str(BIN / "carrara-monitor"), "--metrics-port", "0"], db_env
+                ),
             ]
             try:
                 stack = UiStack(api, stack_settings, database_url, POOL, "", "")

@@ -227,7 +227,7 @@ def test_live_metrics_verdict_rollback_drift_and_a_killed_monitor(
         ],
         env,
     )
-    monitor = _process("monitor", [f"{BIN}/carrara-monitor"], env)
+    monitor = _process("monitor", [f"{BIN}/carrara-monitor", "--metrics-port", "0"], env)
     try:
         n = 4000
         events = [_event(i) for i in range(n)]
@@ -242,11 +242,21 @@ def test_live_metrics_verdict_rollback_drift_and_a_killed_monitor(
         # Outcomes arrive later, in two halves, with the monitor killed between them.
         outcomes = [(e["card_id"], {"card_id": e["card_id"], "fraud": e["fraud"]}) for e in events]
         _produce(stack_settings, topics["outcomes"], outcomes[: n // 2])
-        time.sleep(3)
+
+        def joined_outcomes() -> int:
+            variants = api("GET", f"/deployments/{deployment}/metrics").json()["variants"]
+            return sum(v["totals"]["outcomes"] for v in variants)
+
+        # Killed as soon as it is visibly joining the first half: mid-work, not after a guess.
+        deadline = time.monotonic() + 60
+        while (joined_before_kill := joined_outcomes()) == 0:
+            assert time.monotonic() < deadline, "the monitor joined no outcome in 60 s"
+            time.sleep(0.05)
         os.killpg(monitor.pid, signal.SIGKILL)
         monitor.wait(10)
+        assert 0 < joined_before_kill <= n // 2
         _produce(stack_settings, topics["outcomes"], outcomes[n // 2 :])
-        monitor = _process("monitor", [f"{BIN}/carrara-monitor"], env)
+        monitor = _process("monitor", [f"{BIN}/carrara-monitor", "--metrics-port", "0"], env)
 
         # Offline truth from the output topic and the known labels.
         label = {e["card_id"]: e["fraud"] for e in events}

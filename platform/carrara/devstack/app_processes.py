@@ -173,20 +173,24 @@ class MonitorService(Service):
 
     @property
     def port(self) -> int:
-        return 0
+        return self.settings.monitor_metrics_port
 
     @property
     def endpoint(self) -> str:
-        return "consumer group carrara-monitor"
-
-    def port_in_use(self) -> bool:
-        return False
+        return f"http://{self.settings.host}:{self.port}/metrics"
 
     def prepare(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
 
     def launch_spec(self) -> LaunchSpec:
-        return LaunchSpec(argv=[_script("carrara-monitor")], cwd=project_root())
+        return LaunchSpec(
+            argv=[_script("carrara-monitor"), "--metrics-port", str(self.port)],
+            cwd=project_root(),
+        )
 
     def healthy(self) -> bool:
-        return True  # alive is all there is: the process supervisor (PID file) checks that
+        try:
+            url = f"http://{self.settings.host}:{self.port}/healthz"
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Annotated
 
 import structlog
 import typer
@@ -15,7 +16,11 @@ log = structlog.get_logger(__name__)
 
 
 @app.command()
-def main() -> None:
+def main(
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of /metrics, /healthz, /readyz (0: any free port).")
+    ] = None,
+) -> None:
     """Monitor every running deployment until SIGTERM/SIGINT (scale out: run several)."""
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -23,6 +28,7 @@ def main() -> None:
 
     from carrara.db import engine_for
     from carrara.monitoring.monitor import Monitor
+    from carrara.probes import serve
     from carrara.streams.topics import TopicAdmin
 
     try:
@@ -32,8 +38,14 @@ def main() -> None:
     monitor = Monitor(settings, sessionmaker(bind=engine_for(settings.database_url)))
     signal.signal(signal.SIGTERM, lambda *_: monitor.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: monitor.stop_event.set())
-    log.info("monitor starting")
+    server = serve(
+        metrics_port if metrics_port is not None else settings.monitor_metrics_port,
+        healthy=monitor.healthy,
+        readiness=monitor.healthy,
+    )
+    log.info("monitor starting", metrics_port=server.server_address[1])
     monitor.run()
+    server.shutdown()
     log.info("monitor stopped", batches=monitor.batches)
 
 

@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Counter, Gauge
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,9 +41,15 @@ from carrara.monitoring.topology import Roles, roles_of, start_offsets
 from carrara.monitoring.watched import Watched, load_watched
 from carrara.settings import Settings
 from carrara.streams.consumed import position
+from carrara.streams.resilience import Backoff, CallGuard, ClientHung, LoopHealth, caught_up
 
 log = structlog.get_logger(__name__)
 GROUP_ID = "carrara-monitor"
+LAST_BATCH_AGE = Gauge(
+    "carrara_monitor_last_batch_age_seconds",
+    "Seconds since the monitor last applied a batch or confirmed it had nothing to read",
+)
+BATCHES = Counter("carrara_monitor_batches_total", "Batches applied to Postgres")
 
 
 class Monitor:
@@ -54,6 +61,8 @@ class Monitor:
         self.roles: dict[str, Roles] = {}
         self.batches = 0
         self._subscribed: list[str] = []
+        # Progress = a batch applied, or every partition read to its end (see streams.resilience).
+        self.health = LoopHealth("monitor", settings.stall_timeout_s)
         self._consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -65,10 +74,12 @@ class Monitor:
                 "fetch.queue.backoff.ms": 10,
                 "session.timeout.ms": 10_000,
                 "topic.metadata.refresh.interval.ms": 5_000,
+                "error_cb": self._on_client_error,
             }
         )
         self._last_refresh = 0.0
         self._last_housekeeping = time.monotonic()
+        self._last_idle_check = 0.0
 
     # --- topology -------------------------------------------------------------------------------
 
@@ -95,20 +106,76 @@ class Monitor:
     # --- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.refresh()
+        """Until stopped. Kafka or Postgres going away is waited out with backoff, never fatal:
+        a batch that could not be applied is read again (its offsets live in Postgres with the
+        aggregates, so nothing is counted twice). A loop that stays stuck shows as stalled.
+        """
+        backoff = Backoff(initial_s=1.0, cap_s=15.0)
+        guard = CallGuard("monitor")
         try:
             while not self.stop_event.is_set():
-                if time.monotonic() - self._last_refresh > 10:
-                    self.refresh()
-                messages = [
-                    m for m in self._consumer.consume(2000, timeout=0.5) if m.error() is None
-                ]
-                if messages:
-                    self.process(messages)
-                if time.monotonic() - self._last_housekeeping > 15:
-                    self.housekeeping()
+                try:
+                    self._turn()
+                    backoff.reset()
+                except Exception as exc:
+                    self.health.trouble(f"{type(exc).__name__}: {exc}")
+                    log.debug("monitor round failed", exc_info=True)
+                    self.stop_event.wait(backoff.next_delay())
         finally:
-            self._consumer.close()
+            try:
+                guard.call("close", self._consumer.close, deadline_s=30)
+            except (ClientHung, KafkaException, RuntimeError) as exc:
+                log.error("could not close the monitor's consumer", error=str(exc))
+            guard.close()
+
+    def _turn(self) -> None:
+        if time.monotonic() - self._last_refresh > 10:
+            self.refresh()
+        messages = []
+        for m in self._consumer.consume(2000, timeout=0.5):
+            error = m.error()
+            if error is None:
+                messages.append(m)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                self.health.trouble(f"consumer: {error}")
+        if messages:
+            try:
+                self.process(messages)
+            except Exception:
+                self._rewind(messages)
+                raise
+            self.health.progress()
+        elif time.monotonic() - self._last_idle_check > 1.0:
+            self._last_idle_check = time.monotonic()
+            if caught_up(self._consumer):
+                self.health.progress()
+        if time.monotonic() - self._last_housekeeping > 15:
+            self.housekeeping()
+
+    def _rewind(self, messages: list[Message]) -> None:
+        """Seek back to the first record of each partition in an unapplied batch."""
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            topic, partition, offset = position(m)
+            first[(topic, partition)] = min(first.get((topic, partition), offset), offset)
+        for (topic, partition), offset in first.items():
+            with contextlib.suppress(KafkaException):
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+
+    def healthy(self) -> tuple[bool, dict[str, object]]:
+        """Liveness for /healthz: the loop is not stalled (see `LoopHealth`)."""
+        age = self.health.age_s()
+        LAST_BATCH_AGE.set(age)
+        stalled = self.health.is_stalled()
+        return not stalled, {
+            "stalled": stalled,
+            "seconds_since_progress": round(age, 1),
+            "last_error": self.health.last_error if self.health.in_trouble or stalled else None,
+            "batches": self.batches,
+        }
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        self.health.on_client_error(error)
 
     def process(self, messages: list[Message]) -> None:
         """Apply one batch atomically: aggregates, join state and offsets in one transaction."""
@@ -152,6 +219,7 @@ class Monitor:
             with contextlib.suppress(KafkaException):
                 self._consumer.seek(TopicPartition(topic, partition, offset))
         self.batches += 1
+        BATCHES.inc()
 
     # --- housekeeping ---------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ def main(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    from carrara.scoring.http import serve
+    from carrara.probes import serve
     from carrara.scoring.model_runtime import ModelCache
     from carrara.scoring.reconciler import Reconciler
 
@@ -50,7 +50,7 @@ def main(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server = serve(
         metrics_port if metrics_port is not None else settings.scorer_metrics_port,
-        healthy=lambda: reconciler.alive,
+        healthy=reconciler.healthy,
         readiness=reconciler.readiness,
     )
     # Every event allocates a handful of short-lived objects; with ~170k long-lived objects from

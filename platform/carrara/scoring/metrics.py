@@ -37,3 +37,25 @@ CONSUMER_LAG = Gauge(
     ["deployment", "partition"],
 )
 REVISION = Gauge("carrara_scorer_revision", "Deployment revision being served", ["deployment"])
+LAST_BATCH_AGE = Gauge(
+    "carrara_scorer_last_batch_age_seconds",
+    "Seconds since the deployment's loop last committed a batch or confirmed it had nothing to do",
+    ["deployment"],
+)
+
+_PER_DEPLOYMENT = (
+    EVENTS_IN,
+    PREDICTIONS,
+    DEAD_LETTERS,
+    KEYLESS,
+    BATCH_SECONDS,
+    CONSUMER_LAG,
+    REVISION,
+    LAST_BATCH_AGE,
+)
+
+
+def forget_deployment(deployment: str) -> None:
+    """Remove a stopped deployment's series, so /metrics does not report it forever."""
+    for metric in _PER_DEPLOYMENT:
+        metric.remove_by_labels({"deployment": deployment})

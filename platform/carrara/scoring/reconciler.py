@@ -29,6 +29,7 @@ from carrara.settings import Settings
 from carrara.streams.client_config import producer_config
 from carrara.streams.deployment_spec import DeploymentSpec, decode_spec
 from carrara.streams.event_codec import FeatureSpec
+from carrara.streams.resilience import Backoff
 from carrara.streams.scorer_status import (
     DeploymentStatus,
     ScorerStatus,
@@ -44,7 +45,7 @@ class Tracked:
     """What the scorer knows about one deployment."""
 
     desired: DeploymentSpec
-    state: str = "loading"  # loading | serving | failed | stopped
+    state: str = "loading"  # loading | serving | stalled | failed | stopped
     last_error: str | None = None
     runner: DeploymentRunner | None = None
 
@@ -64,6 +65,8 @@ class Reconciler:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._last_status = 0.0
         self._status_topic = settings.scorer_status_topic
+        # The reconciler loop's own heartbeat: a loop stuck in a call is a dead scorer.
+        self._beat = time.monotonic()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -73,6 +76,22 @@ class Reconciler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def healthy(self) -> tuple[bool, dict[str, object]]:
+        """Liveness: the reconciler loop turns and no deployment's scoring loop is stalled.
+
+        A stalled loop (events waiting, nothing completed for `stall_timeout_s`) fails it, so the
+        orchestrator restarts the process; the detail says which and why.
+        """
+        beat_age = time.monotonic() - self._beat
+        stalled = {
+            name: t.last_error
+            for name, t in self.tracked.items()
+            if t.state == "stalled" and t.runner is not None
+        }
+        reconciler_ok = self.alive and beat_age <= self.settings.stall_timeout_s
+        detail: dict[str, object] = {"reconciler": reconciler_ok, "stalled": stalled}
+        return reconciler_ok and not stalled, detail
 
     def stop(self) -> None:
         """Stop reconciling, let every runner finish and commit its batch, say goodbye."""
@@ -89,7 +108,7 @@ class Reconciler:
         """Ready once caught up with the topic and every deployment of the pool is serving."""
         states = {name: t.state for name, t in self.tracked.items()}
         ready = self.caught_up.is_set() and all(
-            s in ("serving", "stopped") for s in states.values()
+            s in ("serving", "stopped", "stalled") for s in states.values()
         )
         return ready, {"caught_up": self.caught_up.is_set(), "deployments": states}
 
@@ -115,12 +134,20 @@ class Reconciler:
         return consumer, ends
 
     def _run(self) -> None:
+        backoff = Backoff(initial_s=1.0, cap_s=10.0)
         while not self.stop_event.is_set():
+            self._beat = time.monotonic()
             try:
                 self._follow()
-            except Exception:  # Kafka unreachable at start, etc.: retry, keep serving
+            except KafkaException as exc:  # Kafka unreachable (at start, or mid-way): retry
+                self._check_runners()  # stall detection goes on while the broker is away
+                log.warning(
+                    "reconciler cannot read the deployments topic; retrying", error=str(exc)
+                )
+                self.stop_event.wait(backoff.next_delay())
+            except Exception:
                 log.exception("reconciler error; retrying")
-                self.stop_event.wait(2)
+                self.stop_event.wait(backoff.next_delay())
 
     def _follow(self) -> None:
         consumer, ends = self._consumer()
@@ -141,6 +168,7 @@ class Reconciler:
             self.caught_up.set()
             self._publish_status()
             while not self.stop_event.is_set():
+                self._beat = time.monotonic()
                 for message in consumer.consume(100, timeout=0.5):
                     if message.error() is None:
                         spec = _decode(message.value())
@@ -175,13 +203,13 @@ class Reconciler:
         if tracked is None:
             tracked = self.tracked[spec.name] = Tracked(desired=spec)
         tracked.desired = spec
-        if tracked.state != "serving":
+        if tracked.state not in ("serving", "stalled"):
             tracked.state = "loading"
         try:
             state = self._build(spec)
         except Exception as exc:
             tracked.last_error = f"revision {spec.revision}: {type(exc).__name__}: {exc}"[:1000]
-            tracked.state = "failed" if tracked.runner is None else "serving"
+            tracked.state = "failed" if tracked.runner is None else tracked.state
             log.error(
                 "revision rejected; the previous one keeps serving",
                 deployment=spec.name,
@@ -235,6 +263,7 @@ class Reconciler:
     def _stop_runner(self, tracked: Tracked) -> None:
         if tracked.runner is not None:
             tracked.runner.stop()
+            metrics.forget_deployment(tracked.runner.name)
             tracked.runner = None
 
     def _retain_models(self) -> None:
@@ -250,12 +279,33 @@ class Reconciler:
         self.cache.retain(keep)
 
     def _check_runners(self) -> None:
-        for tracked in self.tracked.values():
+        """Notice dead and stalled scoring loops (and their recovery); publish what changed."""
+        changed = False
+        for name, tracked in self.tracked.items():
             runner = tracked.runner
-            if runner is not None and not runner.alive and not runner.stop_event.is_set():
+            if runner is None:
+                continue
+            if not runner.alive and not runner.stop_event.is_set():
                 tracked.state = "failed"
                 tracked.last_error = runner.error or "the scoring loop stopped"
                 tracked.runner = None
+                changed = True
+                continue
+            metrics.LAST_BATCH_AGE.labels(name).set(runner.health.age_s())
+            if runner.health.is_stalled():
+                if tracked.state != "stalled":
+                    tracked.state = "stalled"
+                    tracked.last_error = (
+                        f"no progress for {runner.health.age_s():.0f} s with events waiting "
+                        f"(last error: {runner.health.last_error or 'none'})"
+                    )[:1000]
+                    changed = True
+            elif tracked.state == "stalled":
+                tracked.state = "serving"
+                tracked.last_error = None
+                changed = True
+        if changed:
+            self._publish_status()
 
     # --- status ---------------------------------------------------------------------------------
 

@@ -1,11 +1,11 @@
-"""One deployment's consume -> score -> produce loop, in its own thread.
+"""One deployment's consume -> score -> produce loop, in its own thread, through broker outages.
 
-Delivery modes:
-- exactly once (default): each micro-batch's predictions, dead letters and input offsets are
-  committed in one Kafka transaction (`send_offsets_to_transaction`); a crash before the commit
-  aborts everything, and the batch is consumed again by whoever owns the partitions next.
-- at least once: outputs are produced and flushed, and the input offsets are committed only after
-  every output was acknowledged.
+Delivery (exactly once or at least once, and what each does when Kafka fails) is in
+`scoring.delivery`. This module owns the clients' lifecycle: a broken client (fatal error, fenced,
+a call that hung past its deadline) makes the loop close what it can, wait with backoff, build a
+new consumer and producer and resume from the committed offsets. The loop never dies of a Kafka
+error; if it cannot make progress while events wait, its `LoopHealth` says so (`stalled`), and the
+scorer's /healthz fails so the orchestrator restarts the process.
 
 The serving state (models, splitter) is swapped by the reconciler and read once per batch, so a
 model change happens between two micro-batches, never inside one. SIGTERM sets `stop`: the loop
@@ -32,8 +32,18 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from carrara.scoring import metrics
 from carrara.scoring.batch import BatchResult, InputEvent, ServingState, score_batch
+from carrara.scoring.delivery import Delivery, Redeliver
 from carrara.settings import Settings
 from carrara.streams.client_config import admin_config, consumer_config, producer_config
+from carrara.streams.resilience import (
+    Backoff,
+    CallGuard,
+    ClientBroken,
+    ClientHung,
+    LoopHealth,
+    caught_up,
+    classify,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +71,11 @@ class DeploymentRunner:
         self.events_scored = 0
         self.dead_letters = 0
         self.error: str | None = None
+        self.rebuilds = 0
+        self.health = LoopHealth(
+            "scorer", settings.stall_timeout_s, deployment=self.name, instance=instance_id
+        )
+        self._last_idle_check = 0.0
         self._thread = threading.Thread(target=self._run, name=f"scorer-{self.name}", daemon=True)
         metrics.REVISION.labels(self.name).set(state.deployment.revision)
 
@@ -106,35 +121,107 @@ class DeploymentRunner:
         if s.scorer_static_membership:
             # A restarted instance (same id) gets its partitions back without a rebalance.
             config["group.instance.id"] = f"{self.instance_id}.{self.name}"[:249]
+        config["error_cb"] = self.health.on_client_error
         return Consumer(consumer_config(s.kafka_bootstrap, group_id(self.name), **config))
 
     def _producer(self) -> Producer:
-        config: dict[str, Any] = {"linger.ms": 2}
+        config: dict[str, Any] = {"linger.ms": 2, "error_cb": self.health.on_client_error}
         if self.exactly_once:
+            # The same id on every rebuild: the new producer fences the old one and aborts its
+            # open transaction, so an abandoned client can never commit.
             config["transactional.id"] = f"carrara-scorer.{self.name}.{self.instance_id}"[:249]
         return Producer(producer_config(self.settings.kafka_bootstrap, **config))
 
     def _run(self) -> None:
+        """Serve until stopped; a broken client is rebuilt after a backoff, never fatal."""
+        backoff = Backoff(initial_s=1.0, cap_s=15.0)
+        while not self.stop_event.is_set():
+            try:
+                self._serve(backoff)
+                return
+            except ClientBroken as exc:
+                self.error = str(exc)
+            except Exception as exc:  # an unexpected failure: same remedy, with its traceback
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("scoring loop failed", deployment=self.name)
+                self.health.trouble(self.error, "rebuilt clients")
+            self.rebuilds += 1
+            delay = backoff.next_delay()
+            log.warning(
+                "rebuilding the scorer's Kafka clients; resuming from the committed offsets",
+                deployment=self.name,
+                error=self.error,
+                in_s=round(delay, 1),
+            )
+            self.stop_event.wait(delay)
+
+    def _serve(self, backoff: Backoff) -> None:
+        guard = CallGuard(f"scorer-{self.name}")
         consumer = self._consumer()
         producer = self._producer()
+        clean = False
         try:
             if self.exactly_once:
-                producer.init_transactions(30)
+                self._init_transactions(producer, guard)
             consumer.subscribe([self.input_topic], on_assign=self._on_assign)
+            delivery = Delivery(
+                consumer=consumer,
+                producer=producer,
+                guard=guard,
+                health=self.health,
+                exactly_once=self.exactly_once,
+                call_timeout_s=self.settings.kafka_call_timeout_s,
+                stop=self.stop_event.is_set,
+            )
+            redeliver = Backoff(initial_s=0.1, cap_s=5.0)
             last_lag = 0.0
             while not self.stop_event.is_set():
                 batch = self._collect(consumer)
                 if batch:
-                    self._process(batch, consumer, producer)
+                    if self._process(batch, delivery):
+                        redeliver.reset()
+                        backoff.reset()
+                    else:
+                        self.stop_event.wait(redeliver.next_delay())
+                else:
+                    self._confirm_idle(consumer)
                 if time.monotonic() - last_lag > 5:
                     last_lag = time.monotonic()
                     self._report_lag(consumer)
-        except Exception as exc:  # a fatal client error: report it; the process supervisor restarts
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("deployment runner failed", deployment=self.name)
+            clean = True
         finally:
-            producer.flush(10)
-            consumer.close()  # leaves the group now, so partitions move without waiting
+            self._close(consumer, producer, guard, clean)
+
+    def _init_transactions(self, producer: Producer, guard: CallGuard) -> None:
+        """Register the transactional id (fencing any older producer with it), retrying."""
+        timeout = self.settings.kafka_call_timeout_s
+        retry = Backoff(initial_s=0.5, cap_s=10.0)
+        while True:
+            try:
+                guard.call(
+                    "init_transactions", producer.init_transactions, timeout, deadline_s=timeout + 5
+                )
+                return
+            except ClientHung as exc:
+                raise ClientBroken(str(exc)) from exc
+            except KafkaException as exc:
+                if classify(exc) != "retry" or self.stop_event.is_set():
+                    raise ClientBroken(f"init_transactions: {exc}") from exc
+                self.health.trouble(f"init_transactions: {exc}")
+                self.stop_event.wait(retry.next_delay())
+
+    def _close(self, consumer: Consumer, producer: Producer, guard: CallGuard, clean: bool) -> None:
+        """Close both clients within deadlines (a hung client is abandoned, never waited on)."""
+        timeout = self.settings.kafka_call_timeout_s
+        try:
+            if clean:
+                guard.call("flush", producer.flush, 10, deadline_s=15)
+            # Leaves the group now, so the partitions move without waiting for the session.
+            guard.call("close", consumer.close, deadline_s=timeout)
+        except (ClientHung, KafkaException, RuntimeError) as exc:
+            log.error("could not close the scorer's clients; abandoning them", error=str(exc))
+        finally:
+            guard.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions this deployment never committed start at the deployment's publication.
@@ -201,7 +288,7 @@ class DeploymentRunner:
             if error is None:
                 good.append(message)
             elif error.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error", deployment=self.name, error=str(error))
+                self.health.trouble(f"consumer: {error}")
         return good
 
     def _current(self) -> ServingState:
@@ -216,7 +303,8 @@ class DeploymentRunner:
                 )
             return self._state
 
-    def _process(self, batch: list[Message], consumer: Consumer, producer: Producer) -> None:
+    def _process(self, batch: list[Message], delivery: Delivery) -> bool:
+        """Score and deliver one batch; False when it must be consumed again (rewound)."""
         started = time.perf_counter()
         state = self._current()
         events = [
@@ -232,78 +320,26 @@ class DeploymentRunner:
             for m in batch
         ]
         result = score_batch(state, events)
-        offsets = _next_offsets(batch)
         try:
-            if self.exactly_once:
-                self._deliver_transactionally(result, offsets, consumer, producer)
-            else:
-                self._deliver_at_least_once(result, offsets, consumer, producer)
-        except KafkaException as exc:
-            log.warning(
-                "delivery failed; the batch will be consumed again",
-                deployment=self.name,
-                error=str(exc),
-            )
-            self._rewind(consumer, batch)
-            return
+            delivery.deliver(result.records, batch)
+        except Redeliver as exc:
+            log.info("batch not delivered; it will be scored again", reason=str(exc)[:300])
+            return False
         self._count(result, len(batch), time.perf_counter() - started)
+        self.health.progress()
+        return True
 
-    def _deliver_transactionally(
-        self,
-        result: BatchResult,
-        offsets: list[TopicPartition],
-        consumer: Consumer,
-        producer: Producer,
-    ) -> None:
-        producer.begin_transaction()
-        try:
-            for record in result.records:
-                _produce(producer, record.topic, record.key, record.value, record.headers)
-            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
-            producer.commit_transaction(60)
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if error is not None and getattr(error, "fatal", lambda: False)():
-                raise RuntimeError(f"fatal producer error (fenced?): {error}") from exc
-            try:
-                producer.abort_transaction(30)
-            except KafkaException:
-                log.exception("abort failed", deployment=self.name)
-            raise
-
-    def _deliver_at_least_once(
-        self,
-        result: BatchResult,
-        offsets: list[TopicPartition],
-        consumer: Consumer,
-        producer: Producer,
-    ) -> None:
-        failures: list[str] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(str(err))
-
-        for record in result.records:
-            _produce(producer, record.topic, record.key, record.value, record.headers, on_delivery)
-        remaining = producer.flush(60)
-        if remaining or failures:
-            raise KafkaException(
-                KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} undelivered, {failures[:3]}")
-            )
-        consumer.commit(offsets=offsets, asynchronous=False)
-
-    def _rewind(self, consumer: Consumer, batch: list[Message]) -> None:
-        """Seek back to the first offset of the batch per partition, to process it again."""
-        first: dict[tuple[str, int], int] = {}
-        for m in batch:
-            position = (m.topic(), m.partition())
-            first[position] = min(first.get(position, m.offset()), m.offset())
-        for (topic, partition), offset in first.items():
-            try:
-                consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException:
-                log.warning("seek failed (partition revoked?)", partition=partition)
+    def _confirm_idle(self, consumer: Consumer) -> None:
+        """Nothing consumed: if the broker confirms every assigned partition is read to its end,
+        the loop is idle, not stuck (counts as progress). Asked at most once a second; an
+        unreachable broker never confirms, so a long outage is a stall.
+        """
+        now = time.monotonic()
+        if now - self._last_idle_check < 1.0:
+            return
+        self._last_idle_check = now
+        if caught_up(consumer, self.input_topic):
+            self.health.progress()
 
     def _count(self, result: BatchResult, consumed: int, seconds: float) -> None:
         metrics.EVENTS_IN.labels(self.name).inc(consumed)
@@ -321,6 +357,9 @@ class DeploymentRunner:
 
     def _report_lag(self, consumer: Consumer) -> None:
         try:
+            # A metadata round trip proves the broker answers (an empty assignment proves nothing:
+            # a consumer that lost its coordinator has none).
+            consumer.list_topics(self.input_topic, timeout=1.0)
             for tp in consumer.position(consumer.assignment()):
                 if tp.offset < 0:
                     continue
@@ -330,22 +369,3 @@ class DeploymentRunner:
                 )
         except KafkaException:
             pass
-
-
-def _next_offsets(batch: list[Message]) -> list[TopicPartition]:
-    last: dict[tuple[str, int], int] = {}
-    for m in batch:
-        position = (m.topic(), m.partition())
-        last[position] = max(last.get(position, -1), m.offset())
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-
-
-def _produce(
-    producer: Producer, topic: str, key: Any, value: Any, headers: Any, callback: Any = None
-) -> None:
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=callback)
-            return
-        except BufferError:  # the local queue is full: let it drain, then retry
-            producer.poll(0.05)

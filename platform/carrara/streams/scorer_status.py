@@ -16,7 +16,8 @@ import msgspec
 FORMAT_VERSION = 1
 STATUS_TOPIC = "carrara.scorer-status"
 
-DeploymentState = Literal["loading", "serving", "failed", "stopped"]
+# stalled: the scoring loop has events waiting and has completed nothing for the stall timeout.
+DeploymentState = Literal["loading", "serving", "stalled", "failed", "stopped"]
 
 
 class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
