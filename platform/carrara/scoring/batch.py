@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from carrara.scoring.splitter import Splitter, bucket_of, routing_key
+from carrara.streams.consumed import Headers
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec
 from carrara.streams.event_codec import DecodedEvents, EventDecoder, FeatureSpec
 from carrara.streams.prediction_record import (
@@ -33,8 +34,6 @@ from carrara.streams.prediction_record import (
     encode_prediction,
     prediction_headers,
 )
-
-Headers = list[tuple[str, bytes]]
 
 
 class ScoringModel(Protocol):

@@ -23,6 +23,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from carrara.scoring.batch import OutputRecord
+from carrara.streams.consumed import position
 from carrara.streams.resilience import (
     Backoff,
     CallGuard,
@@ -190,7 +191,7 @@ class Delivery:
         In exactly-once mode those equal the batch's first offsets (each batch commits before the
         next is read), which is the fallback when the coordinator cannot be asked.
         """
-        partitions = sorted({(m.topic(), m.partition()) for m in batch})
+        partitions = sorted({position(m)[:2] for m in batch})
         try:
             committed = self.guard.call(
                 "committed",

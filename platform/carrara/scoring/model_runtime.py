@@ -304,7 +304,7 @@ def _input_example(
     if not mlmodel.saved_input_example_info:
         return None
     try:
-        example = mlmodel.load_input_example(str(directory))
+        example: Any = mlmodel.load_input_example(str(directory))  # DataFrame, array, ...
     except Exception as exc:
         raise ModelLoadError(f"{key}: the input example cannot be read: {exc}") from exc
     if example is None:
@@ -417,16 +417,16 @@ def _load_native(fetch: _Fetcher, card: ModelCard, model_uri: str) -> LoadedMode
 
 def _flavor_loader(flavor: str) -> Callable[[str], Any]:
     if flavor == "lightgbm":
-        import mlflow.lightgbm
+        import mlflow.lightgbm as mlflow_lightgbm
 
-        return mlflow.lightgbm.load_model
+        return mlflow_lightgbm.load_model
     if flavor == "xgboost":
-        import mlflow.xgboost
+        import mlflow.xgboost as mlflow_xgboost
 
-        return mlflow.xgboost.load_model
-    import mlflow.sklearn
+        return mlflow_xgboost.load_model
+    import mlflow.sklearn as mlflow_sklearn
 
-    return mlflow.sklearn.load_model
+    return mlflow_sklearn.load_model
 
 
 def _native_scorer(key: str, estimator: Any, card: ModelCard) -> Callable[[np.ndarray], np.ndarray]:
@@ -519,7 +519,7 @@ def _pyfunc_columns(key: str, mlmodel: Model, directory: Path) -> tuple[list[str
         return names, casts
     if mlmodel.saved_input_example_info:
         try:
-            example = mlmodel.load_input_example(str(directory))
+            example: Any = mlmodel.load_input_example(str(directory))
         except Exception as exc:
             raise ModelLoadError(f"{key}: the input example cannot be read: {exc}") from exc
         if hasattr(example, "columns"):

@@ -27,6 +27,7 @@ from carrara.scoring.batch import build_state
 from carrara.scoring.runner import DeploymentRunner, dead_letter_topic
 from carrara.settings import Settings
 from carrara.streams.client_config import producer_config
+from carrara.streams.consumed import position
 from carrara.streams.deployment_spec import DeploymentSpec, decode_spec
 from carrara.streams.event_codec import FeatureSpec
 from carrara.streams.resilience import Backoff
@@ -161,8 +162,9 @@ class Reconciler:
                     spec = _decode(message.value())
                     if spec is not None:
                         latest[spec.name] = spec
-                    if message.offset() + 1 >= ends.get(message.partition(), 0):
-                        pending.discard(message.partition())
+                    _, partition, offset = position(message)
+                    if offset + 1 >= ends.get(partition, 0):
+                        pending.discard(partition)
             for spec in latest.values():
                 self.apply(spec)
             self.caught_up.set()

@@ -22,18 +22,21 @@ import structlog
 from confluent_kafka import (
     OFFSET_END,
     Consumer,
-    KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import (
+    AdminClient,
+    OffsetSpec,  # pyright: ignore[reportPrivateImportUsage] (public, re-exported without __all__)
+)
 
 from carrara.scoring import metrics
 from carrara.scoring.batch import BatchResult, InputEvent, ServingState, score_batch
 from carrara.scoring.delivery import Delivery, Redeliver
 from carrara.settings import Settings
+from carrara.streams import consumed
 from carrara.streams.client_config import admin_config, consumer_config, producer_config
 from carrara.streams.resilience import (
     Backoff,
@@ -287,8 +290,8 @@ class DeploymentRunner:
             error = message.error()
             if error is None:
                 good.append(message)
-            elif error.code() != KafkaError._PARTITION_EOF:
-                self.health.trouble(f"consumer: {error}")
+            else:
+                self.health.on_consumer_error(error)
         return good
 
     def _current(self) -> ServingState:
@@ -309,13 +312,7 @@ class DeploymentRunner:
         state = self._current()
         events = [
             InputEvent(
-                key=m.key(),
-                value=m.value(),
-                headers=m.headers(),
-                topic=m.topic(),
-                partition=m.partition(),
-                offset=m.offset(),
-                timestamp_ms=m.timestamp()[1],
+                m.key(), m.value(), consumed.headers(m), *consumed.position(m), m.timestamp()[1]
             )
             for m in batch
         ]

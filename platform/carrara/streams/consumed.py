@@ -1,4 +1,4 @@
-"""Where a consumed message sits: its topic, partition and offset, as plain values.
+"""What a consumed message carries besides key and value: its position and headers, typed.
 
 confluent-kafka types `Message.topic()`, `.partition()` and `.offset()` as optional because a
 message built by hand has none; every record and partition event a consumer returns has all three.
@@ -7,6 +7,15 @@ message built by hand has none; every record and partition event a consumer retu
 from __future__ import annotations
 
 from confluent_kafka import Message
+
+# Record headers as confluent-kafka produces and consumes them (a consumed value may be null).
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def headers(msg: Message) -> Headers | None:
+    """The headers of a message returned by a consumer: a list (or None when it has none)."""
+    raw = msg.headers()
+    return list(raw.items()) if isinstance(raw, dict) else raw
 
 
 def position(msg: Message) -> tuple[str, int, int]:

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from carrara.streams.consumed import Headers
+
 H_DEPLOYMENT = "carrara-deployment"
 H_REVISION = "carrara-revision"
 H_VARIANT = "carrara-variant"
@@ -61,7 +63,7 @@ def decode_prediction(raw: bytes) -> Prediction:
     return _decoder.decode(raw)
 
 
-def prediction_headers(prediction: Prediction) -> list[tuple[str, bytes]]:
+def prediction_headers(prediction: Prediction) -> Headers:
     return [
         (H_DEPLOYMENT, prediction.deployment.encode()),
         (H_REVISION, str(prediction.revision).encode()),
@@ -73,7 +75,7 @@ def prediction_headers(prediction: Prediction) -> list[tuple[str, bytes]]:
 
 
 def dead_letter_headers(
-    original: list[tuple[str, bytes]] | None,
+    original: Headers | None,
     *,
     error_class: str,
     message: str,
@@ -81,7 +83,7 @@ def dead_letter_headers(
     topic: str,
     partition: int,
     offset: int,
-) -> list[tuple[str, bytes]]:
+) -> Headers:
     """The original headers plus the reason and the source position of the event."""
     return [
         *(original or []),
