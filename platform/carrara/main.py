@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_json)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = None
         status_consumer = None
         if settings.outbox_relay_enabled:
@@ -110,12 +110,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 OutboxRelay(settings.kafka_bootstrap),
                 sessions,
                 periodic=[(reap_every, lambda session: reap_lost_runs(session, settings))],
+                stall_after_s=settings.stall_timeout_s,
             )
             relay.start()
             status_consumer = StatusConsumer(
-                settings.kafka_bootstrap, settings.scorer_status_topic, sessions
+                settings.kafka_bootstrap,
+                settings.scorer_status_topic,
+                sessions,
+                stall_after_s=settings.stall_timeout_s,
             )
             status_consumer.start()
+            app.state.loops = {
+                "outbox-relay": relay.health,
+                "scorer-status": status_consumer.health,
+            }
         try:
             yield
         finally:

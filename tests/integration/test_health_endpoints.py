@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi.testclient import TestClient
 
 from carrara.settings import Settings, get_settings
+from carrara.streams.resilience import LoopHealth
 
 
 def test_healthz_answers_while_the_process_is_up(client: TestClient) -> None:
-    assert client.get("/healthz").json() == {"status": "ok"}
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    # The test app runs no background loops (the relay is driven by the tests themselves).
+    assert response.json() == {"status": "ok", "wedged": [], "loops": {}}
+
+
+def test_healthz_reports_the_background_loops_and_fails_when_one_is_wedged(
+    client: TestClient,
+) -> None:
+    relay, status = LoopHealth("outbox-relay", 0.2), LoopHealth("scorer-status", 60)
+    client.app.state.loops = {"outbox-relay": relay, "scorer-status": status}  # type: ignore[attr-defined]
+    relay.trouble("KafkaError{code=_TRANSPORT}", connection=True)
+    body = client.get("/healthz").json()
+    assert body["loops"]["outbox-relay"]["last_error"] == "KafkaError{code=_TRANSPORT}"
+    assert body["loops"]["scorer-status"]["stalled"] is False
+
+    deadline = time.monotonic() + 5
+    while not relay.wedged():  # the relay's loop stops turning (no beat)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["wedged"] == ["outbox-relay"]
+    assert response.json()["loops"]["outbox-relay"]["stalled"] is True
+
+    relay.beat()
+    relay.progress()
+    assert client.get("/healthz").status_code == 200
 
 
 def test_readyz_is_200_when_every_dependency_answers(client: TestClient) -> None:

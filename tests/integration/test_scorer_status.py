@@ -268,6 +268,7 @@ def test_rollout_counts_live_scorers_of_the_pool_on_the_current_revision(
         "scorers": [],
         "up_to_date": 0,
         "total": 0,
+        "stalled": 0,
         "summary": "0/0 scorers on revision 1",
     }
 
@@ -326,6 +327,18 @@ def test_rollout_counts_live_scorers_of_the_pool_on_the_current_revision(
     )
     apply(db_session, status("s2", deployment_status("fraud", 2)))
     apply(db_session, status("s3", deployment_status("fraud", 1, 2, "loading")))
+    rollout = client.get(f"{API}/deployments/fraud", headers=viewer_headers).json()["rollout"]
+    assert rollout["summary"] == "2/4 scorers on revision 2"
+
+    # A stalled scoring loop (events waiting, no progress) is shown, and is not up to date.
+    stuck = "no progress for 61 s with events waiting (last error: _ALL_BROKERS_DOWN)"
+    apply(db_session, status("s2", deployment_status("fraud", 2, 2, "stalled", last_error=stuck)))
+    rollout = client.get(f"{API}/deployments/fraud", headers=viewer_headers).json()["rollout"]
+    assert rollout["summary"] == "1/4 scorers on revision 2, 1 stalled"
+    assert rollout["stalled"] == 1
+    by_id = {s["instance_id"]: s for s in rollout["scorers"]}
+    assert (by_id["s2"]["state"], by_id["s2"]["last_error"]) == ("stalled", stuck)
+    apply(db_session, status("s2", deployment_status("fraud", 2)))
     rollout = client.get(f"{API}/deployments/fraud", headers=viewer_headers).json()["rollout"]
     assert rollout["summary"] == "2/4 scorers on revision 2"
 

@@ -32,6 +32,7 @@ class Rollout:
     up_to_date: int
     total: int
     summary: str
+    stalled: int = 0
 
 
 def is_live(instance: ScorerInstance, now: datetime) -> bool:
@@ -97,13 +98,17 @@ def rollout(
             # A stop is done when the scorer has seen the stop revision and stopped consuming.
             done = status.get("state") == "stopped" and status.get("desired_revision", 0) >= desired
         else:
+            # A stalled scorer serves the revision but is not making progress: not done.
             done = status.get("served_revision") == desired and status.get("state") == "serving"
         scorers.append(ScorerRollout(instance, status, is_live(instance, now), done))
     total = sum(1 for s in scorers if s.live)
     up_to_date = sum(1 for s in scorers if s.live and s.up_to_date)
+    stalled = sum(1 for s in scorers if s.live and s.status.get("state") == "stalled")
     summary = (
         f"{up_to_date}/{total} scorers have stopped it (revision {desired})"
         if stopped
         else f"{up_to_date}/{total} scorers on revision {desired}"
     )
-    return Rollout(desired, scorers, up_to_date, total, summary)
+    if stalled:
+        summary += f", {stalled} stalled"
+    return Rollout(desired, scorers, up_to_date, total, summary, stalled)

@@ -255,7 +255,10 @@ class RolloutScorerOut(BaseModel):
     pool: str
     host: str
     served_revision: int | None = Field(description="Revision whose models it serves")
-    state: str = Field(description="loading, serving, failed or stopped")
+    state: str = Field(
+        description="loading, serving, stalled (events waiting, no batch completed within the "
+        "stall timeout: its last_error says why), failed or stopped"
+    )
     loaded_versions: list[str] = Field(description="Model versions in its cache, `model/version`")
     last_error: str | None
     events_scored: int
@@ -271,7 +274,12 @@ class RolloutOut(BaseModel):
     scorers: list[RolloutScorerOut]
     up_to_date: int = Field(description="Live scorers serving the desired revision")
     total: int = Field(description="Live scorers of the pool that report this deployment")
-    summary: str = Field(examples=["3/3 scorers on revision 7"])
+    stalled: int = Field(
+        default=0, description="Live scorers whose scoring loop for this deployment is stalled"
+    )
+    summary: str = Field(
+        examples=["3/3 scorers on revision 7", "3/3 scorers on revision 7, 1 stalled"]
+    )
 
 
 class DeploymentDetail(DeploymentOut):

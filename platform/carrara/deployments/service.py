@@ -173,6 +173,7 @@ def rollout_out(view: Rollout) -> RolloutOut:
         ],
         up_to_date=view.up_to_date,
         total=view.total,
+        stalled=view.stalled,
         summary=view.summary,
     )
 

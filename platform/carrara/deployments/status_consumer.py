@@ -21,7 +21,6 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
-    KafkaException,
     Message,
 )
 from confluent_kafka import TopicPartition as KafkaPartition
@@ -32,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from carrara.models import ScorerInstance
 from carrara.streams.client_config import consumer_config
+from carrara.streams.resilience import Backoff, LoopHealth, caught_up
 from carrara.streams.scorer_status import FORMAT_VERSION, ScorerStatus, decode_status
 
 log = structlog.get_logger(__name__)
@@ -165,6 +165,7 @@ class StatusConsumer:
         *,
         batch: int = 500,
         forget_after: timedelta = FORGET_AFTER,
+        stall_after_s: float = 60.0,
     ) -> None:
         self._topic = topic
         self._session_factory = session_factory
@@ -183,6 +184,8 @@ class StatusConsumer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scorer-status", daemon=True)
         self.caught_up = threading.Event()
+        # Progress: records applied, or the topic confirmed read to its end.
+        self.health = LoopHealth("scorer-status", stall_after_s)
 
     def start(self) -> None:
         self._thread.start()
@@ -193,8 +196,11 @@ class StatusConsumer:
 
     def _loop(self) -> None:
         last_forget = 0.0
+        last_idle_check = 0.0
+        backoff = Backoff(initial_s=1.0, cap_s=10.0)
         try:
             while not self._stop.is_set():
+                self.health.beat()
                 try:
                     if not self._history_end and not self._assign():
                         self._stop.wait(2.0)
@@ -202,22 +208,28 @@ class StatusConsumer:
                     messages = self._consumer.consume(self._batch, timeout=0.5)
                     records = [m for m in messages if m.error() is None]
                     for m in messages:
-                        if m.error() is not None:
-                            log.warning("scorer status consumer error", error=str(m.error()))
+                        error = m.error()
+                        if error is not None:
+                            self.health.on_consumer_error(error)
                     if records:
                         self._store(records)
-                    elif not self.caught_up.is_set() and self._at_end():
-                        self.caught_up.set()
+                        self.health.progress()
+                    else:
+                        if not self.caught_up.is_set() and self._at_end():
+                            self.caught_up.set()
+                        if time.monotonic() - last_idle_check > 2.0:
+                            last_idle_check = time.monotonic()
+                            if caught_up(self._consumer, self._topic):
+                                self.health.progress()
                     if time.monotonic() - last_forget > 60:
                         last_forget = time.monotonic()
                         self._forget()
-                except KafkaException as exc:
-                    # Kafka down: the API keeps serving the last known status; no traceback spam.
-                    log.warning("scorer status consumer cannot reach Kafka", error=str(exc))
-                    self._stop.wait(5.0)
-                except Exception:
-                    log.exception("scorer status consumer round failed; retrying")
-                    self._stop.wait(2.0)
+                    backoff.reset()
+                except Exception as exc:
+                    # Kafka or Postgres down: the API keeps serving the last known status.
+                    self.health.trouble(f"{type(exc).__name__}: {exc}")
+                    log.debug("scorer status round failed", exc_info=True)
+                    self._stop.wait(backoff.next_delay())
         finally:
             self._consumer.close()
 

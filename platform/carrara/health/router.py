@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from carrara.health.service import check_readiness
+from carrara.health.service import check_readiness, loop_reports
 from carrara.settings import Settings, get_settings
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """Liveness: the API process is up and serving."""
-    return {"status": "ok"}
+@router.get("/healthz", responses={503: {"description": "A background loop is wedged"}})
+def healthz(request: Request) -> JSONResponse:
+    """Liveness: the API process is up and serving, and its background loops turn.
+
+    Each Kafka loop (outbox relay, scorer-status consumer) is reported: `stalled` when it has had
+    work it could not complete for the stall timeout (Kafka or Redis away: visible here and in
+    the logs, but not fatal, since restarting the API cannot bring Kafka back and would take the
+    UI away while operators need it); `wedged` when the loop itself stopped turning (stuck in a
+    call): that fails liveness, so the orchestrator restarts the process.
+    """
+    loops = loop_reports(getattr(request.app.state, "loops", {}))
+    wedged = [name for name, report in loops.items() if report["wedged"]]
+    body = {"status": "ok" if not wedged else "wedged", "wedged": wedged, "loops": loops}
+    return JSONResponse(body, status_code=503 if wedged else 200)
 
 
 @router.get("/readyz", responses={503: {"description": "A dependency is not reachable"}})

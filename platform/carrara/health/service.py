@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from carrara.db import engine_for
 from carrara.settings import Settings
+from carrara.streams.resilience import LoopHealth
 from carrara.streams.topics import TopicAdmin
 
 
@@ -69,3 +70,8 @@ async def check_readiness(settings: Settings) -> list[ProbeResult]:
     return list(
         await asyncio.gather(*(_run_probe(name, probe, settings) for name, probe in PROBES.items()))
     )
+
+
+def loop_reports(loops: Mapping[str, LoopHealth]) -> dict[str, dict[str, object]]:
+    """The health of the process's background Kafka loops, by name."""
+    return {name: health.report() for name, health in loops.items()}

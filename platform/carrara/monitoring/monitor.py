@@ -136,8 +136,8 @@ class Monitor:
             error = m.error()
             if error is None:
                 messages.append(m)
-            elif error.code() != KafkaError._PARTITION_EOF:
-                self.health.trouble(f"consumer: {error}")
+            else:
+                self.health.on_consumer_error(error)
         if messages:
             try:
                 self.process(messages)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from carrara.models import OutboxMessage
 from carrara.streams.client_config import producer_config
+from carrara.streams.resilience import Backoff, LoopHealth
 
 log = structlog.get_logger(__name__)
 _wakeup = threading.Event()
@@ -60,17 +61,38 @@ class OutboxRelay:
         send_task: TaskSender = celery_sender,
         delivery_timeout_ms: int = 10_000,
     ) -> None:
-        self._producer = Producer(
-            producer_config(
-                kafka_bootstrap,
-                **{"message.timeout.ms": delivery_timeout_ms, "log_level": 3},
-            )
-        )
+        self._bootstrap = kafka_bootstrap
+        self._delivery_timeout_ms = delivery_timeout_ms
+        self._fatal: str | None = None
+        self._producer = self._new_producer()
         self._send_task = send_task
         self._timeout_s = delivery_timeout_ms / 1000 + 5
+        # What the last round could not deliver (row id -> reason): the relay's health.
+        self.last_errors: dict[int, str] = {}
+
+    def _new_producer(self) -> Producer:
+        return Producer(
+            producer_config(
+                self._bootstrap,
+                **{
+                    "message.timeout.ms": self._delivery_timeout_ms,
+                    "log_level": 3,
+                    "error_cb": self._on_error,
+                },
+            )
+        )
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():  # e.g. the idempotent producer's state is lost: only a new one helps
+            self._fatal = str(error)
 
     def run_once(self, session: Session, batch: int = 200) -> int:
         """Deliver up to `batch` pending messages in `session`'s transaction; returns how many."""
+        if self._fatal is not None:
+            log.warning("outbox relay: rebuilding its Kafka producer", error=self._fatal)
+            self._fatal = None
+            self._producer = self._new_producer()
+        self.last_errors = {}
         rows = list(
             session.scalars(
                 select(OutboxMessage)
@@ -108,6 +130,7 @@ class OutboxRelay:
             self._producer.flush(self._timeout_s)
         now = datetime.now(UTC)
         delivered = 0
+        self.last_errors = errors
         for row in rows:
             if row.id in errors:
                 row.attempts += 1
@@ -144,6 +167,7 @@ class BackgroundRelay:
         relay: OutboxRelay,
         session_factory: Callable[[], Session],
         periodic: list[tuple[float, Callable[[Session], int]]] | None = None,
+        stall_after_s: float = 60.0,
     ) -> None:
         self._relay = relay
         self._session_factory = session_factory
@@ -152,6 +176,8 @@ class BackgroundRelay:
         self._periodic = [(interval, job, [0.0]) for interval, job in periodic or []]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+        # Progress: a round left nothing undelivered (all sent, or nothing pending).
+        self.health = LoopHealth("outbox-relay", stall_after_s)
 
     def start(self) -> None:
         self._thread.start()
@@ -162,7 +188,9 @@ class BackgroundRelay:
         self._thread.join(timeout=15)
 
     def _loop(self) -> None:
+        backoff = Backoff(initial_s=1.0, cap_s=10.0)
         while not self._stop.is_set():
+            self.health.beat()
             _wakeup.wait(timeout=1.0)
             _wakeup.clear()
             try:
@@ -171,9 +199,17 @@ class BackgroundRelay:
                     delivered = self._relay.run_once(session)
                 if delivered:
                     log.info("outbox relayed", delivered=delivered)
-            except Exception:
-                log.exception("outbox relay round failed; retrying")
-                self._stop.wait(2.0)
+                errors = self._relay.last_errors
+                if errors:
+                    # Rows stay pending with their error; retried next round (Kafka or Redis away).
+                    self.health.trouble(next(iter(errors.values())), connection=True)
+                else:
+                    self.health.progress()
+                    backoff.reset()
+            except Exception as exc:  # Postgres away, etc.
+                self.health.trouble(f"{type(exc).__name__}: {exc}")
+                log.debug("outbox relay round failed", exc_info=True)
+                self._stop.wait(backoff.next_delay())
 
     def _run_periodic(self) -> None:
         now = time.monotonic()

@@ -148,11 +148,13 @@ class LoopHealth:
         self.context = context
         self._lock = threading.Lock()
         self._last_progress = time.monotonic()
+        self._last_beat = self._last_progress
         self._trouble_since: float | None = None
         self._broker_down = False
         self._actions: dict[str, int] = {}
         self.last_error: str | None = None
         self._stalled_logged = False
+        self._seen_errors: set[str] = set()
 
     # --- written by the loop ----------------------------------------------------------------
 
@@ -197,16 +199,59 @@ class LoopHealth:
             event = "loop lost the broker" if connection else "loop error"
             log.warning(event, loop=self.loop, error=error, **self.context)
 
-    def on_client_error(self, error: KafkaError) -> None:
-        """librdkafka's `error_cb`: connection-level errors start (or continue) an outage."""
+    def on_consumer_error(self, error: KafkaError) -> None:
+        """An error event returned by `consume()`.
+
+        Connection errors are an outage; others (a topic deleted under a subscription, say) are
+        logged once per distinct message, not as trouble: they do not stop the loop's progress
+        and would otherwise flap lost/recovered lines at every metadata refresh.
+        """
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
         if error.code() in _CONNECTION_ERRORS:
+            self.trouble(f"consumer: {error}", connection=True)
+            return
+        text = str(error)
+        with self._lock:
+            seen = text in self._seen_errors
+            if not seen and len(self._seen_errors) < 100:
+                self._seen_errors.add(text)
+        if not seen:
+            log.warning("consumer error", loop=self.loop, error=text, **self.context)
+
+    def on_client_error(self, error: KafkaError) -> None:
+        """librdkafka's `error_cb`. Every broker down starts (or continues) an outage; a single
+        failed connection is only remembered (librdkafka reconnects by itself, and such reports
+        also arrive late, after a recovery); a fatal error is trouble the loop acts on.
+        """
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
             with self._lock:
                 self._broker_down = True
             self.trouble(str(error), connection=True)
         elif error.fatal():
             self.trouble(str(error))
+        elif error.code() in _CONNECTION_ERRORS:
+            self.last_error = str(error)[:1000]
+
+    def beat(self) -> None:
+        """The loop turned (whether or not it made progress): it is not wedged in a call."""
+        self._last_beat = time.monotonic()
 
     # --- read by probes ---------------------------------------------------------------------
+
+    def wedged(self) -> bool:
+        """The loop itself has not turned for `stall_after_s`: stuck in a call, or dead."""
+        return time.monotonic() - self._last_beat > self.stall_after_s
+
+    def report(self) -> dict[str, object]:
+        """For health endpoints: stalled or not, for how long, and the last error if relevant."""
+        stalled = self.is_stalled()
+        return {
+            "stalled": stalled,
+            "wedged": self.wedged(),
+            "seconds_since_progress": round(self.age_s(), 1),
+            "last_error": self.last_error if stalled or self.in_trouble else None,
+        }
 
     @property
     def broker_down(self) -> bool:

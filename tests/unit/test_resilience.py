@@ -1,0 +1,97 @@
+"""The pieces every Kafka loop uses to survive an outage: deadlines, error remedies, health."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from structlog.testing import capture_logs
+
+from carrara.streams.resilience import Backoff, CallGuard, ClientHung, LoopHealth, classify
+
+
+def _exc(code: int, **flags: bool) -> KafkaException:
+    return KafkaException(KafkaError(code, "test", **flags))
+
+
+def test_classify_follows_the_transactional_api_contract() -> None:
+    assert classify(_exc(KafkaError._FENCED, fatal=True)) == "fatal"
+    assert classify(_exc(KafkaError._TIMED_OUT, txn_requires_abort=True)) == "abort"
+    assert classify(_exc(KafkaError.COORDINATOR_NOT_AVAILABLE, retriable=True)) == "retry"
+    assert classify(_exc(KafkaError._TIMED_OUT)) == "retry"
+    assert classify(_exc(KafkaError._ALL_BROKERS_DOWN)) == "retry"
+    assert classify(_exc(KafkaError._STATE)) == "fail"
+    assert classify(ValueError("not kafka")) == "fail"
+
+
+def test_call_guard_returns_results_and_raises_the_call_errors() -> None:
+    guard = CallGuard("t")
+    try:
+        assert guard.call("add", lambda a, b: a + b, 2, 3, deadline_s=5) == 5
+        with pytest.raises(KafkaException):
+            guard.call("fail", lambda: (_ for _ in ()).throw(_exc(KafkaError._STATE)), deadline_s=5)
+        assert guard.call("again", lambda: "ok", deadline_s=5) == "ok"
+    finally:
+        guard.close()
+
+
+def test_a_call_past_its_deadline_poisons_the_guard() -> None:
+    guard = CallGuard("t")
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(ClientHung, match="send_offsets_to_transaction did not return"):
+        guard.call("send_offsets_to_transaction", release.wait, 30, deadline_s=0.2)
+    assert time.monotonic() - started < 5  # the caller got its answer at the deadline
+    with pytest.raises(ClientHung, match="still inside send_offsets_to_transaction"):
+        guard.call("commit", lambda: None, deadline_s=5)
+    release.set()
+    guard.close()
+
+
+def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
+    backoff = Backoff(initial_s=1.0, cap_s=8.0)
+    delays = [backoff.next_delay() for _ in range(8)]
+    assert 0.5 <= delays[0] <= 1.0
+    assert all(4.0 <= d <= 8.0 for d in delays[4:])
+    backoff.reset()
+    assert backoff.next_delay() <= 1.0
+
+
+def test_loop_health_logs_one_line_per_outage_and_one_on_recovery() -> None:
+    health = LoopHealth("scorer", stall_after_s=60, deployment="d")
+    with capture_logs() as logs:
+        health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+        health.on_client_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+        assert "connection refused" in (health.last_error or "")
+        health.trouble("commit_transaction: timed out", "aborted a transaction")
+        health.trouble("rewound", "rewound")
+        assert health.broker_down
+        assert health.in_trouble
+        health.progress()
+        health.progress()
+    events = [entry["event"] for entry in logs]
+    assert events == ["loop lost the broker", "loop recovered"]
+    assert logs[0]["deployment"] == "d"
+    assert logs[1]["actions"] == {"aborted a transaction": 1, "rewound": 1}
+    assert not health.broker_down
+    assert not health.in_trouble
+
+
+def test_loop_health_is_stalled_without_progress_and_recovers() -> None:
+    health = LoopHealth("monitor", stall_after_s=0.1)
+    assert not health.is_stalled()
+    health.trouble("Postgres: connection refused")
+    deadline = time.monotonic() + 5
+    with capture_logs() as logs:
+        while not health.is_stalled():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert health.is_stalled()  # logged once per episode
+        report = health.report()
+        health.progress()
+    assert report["stalled"] is True
+    assert report["last_error"] == "Postgres: connection refused"
+    assert [e["event"] for e in logs] == ["loop stalled", "loop recovered"]
+    assert not health.is_stalled()
