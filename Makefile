@@ -33,8 +33,9 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/basedpyright
 
-## basedpyright (basic mode, [tool.basedpyright] in pyproject.toml) over platform/carrara.
+## basedpyright alone (basic mode, [tool.basedpyright] in pyproject.toml) over platform/carrara.
 typecheck: $(VENV)/.installed
 	$(BIN)/basedpyright
 
