@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
@@ -19,6 +23,7 @@ from carrara.ui.deployment_forms import deployment_body, spec_diff, variant_rows
 from carrara.ui.forms import (
     FORM,
     FormInvalid,
+    _feature_line,
     dataset_body,
     errors_from_validation,
     param_errors,
@@ -353,3 +358,21 @@ def test_chart_series_share_one_time_axis_over_the_whole_window() -> None:
 )
 def test_sign_in_returns_only_to_ui_pages(target: str | None, expected: str) -> None:
     assert safe_next(target) == expected
+
+
+def test_the_feature_line_parser_runs_in_linear_time_on_the_worst_case() -> None:
+    # The old regex (a lazy name, then spaces around the separator) took 18 s on 2,000 spaces.
+    for raw in ("a" + " " * 20_000, " " * 20_000 + "x", "a" + " " * 20_000 + "x!", ":" * 20_000):
+        started = time.perf_counter()
+        with pytest.raises(FormInvalid):
+            parse_features(raw)
+        assert time.perf_counter() - started < 0.1
+
+
+_OLD_FEATURE_LINE = re.compile(r"^\s*(?P<name>[^:\s][^:]*?)\s*[:\s]\s*(?P<type>[a-z]+)\s*$")
+
+
+@given(st.text(alphabet="ab: \t:x1", max_size=12))
+def test_the_feature_line_parser_reads_what_the_old_regex_read(line: str) -> None:
+    old = _OLD_FEATURE_LINE.match(line)
+    assert _feature_line(line) == (None if old is None else (old["name"], old["type"]))

@@ -20,7 +20,6 @@ from carrara.training.algorithms import CommonParams
 
 # Where an error that names no field of the form is shown.
 FORM = "_form"
-_FEATURE_LINE = re.compile(r"^\s*(?P<name>[^:\s][^:]*?)\s*[:\s]\s*(?P<type>[a-z]+)\s*$")
 # Params every algorithm takes (bad-event threshold, seed): listed after the algorithm's own.
 COMMON_PARAMS = frozenset(CommonParams.model_fields)
 _RANGE_LINE = re.compile(r"^\s*(?P<partition>\d+)\s*:\s*(?P<start>\d+)\s*-\s*(?P<end>\d+)\s*$")
@@ -79,6 +78,27 @@ def errors_from_problem(extra_errors: Iterable[Mapping[str, Any]] | None, detail
 # --- datasets ---------------------------------------------------------------------------------
 
 
+def _feature_line(line: str) -> tuple[str, str] | None:
+    """`name: type` or `name type` as (name, type); None if the line is neither.
+
+    A scan from the end, in linear time: a regex with a lazy name followed by optional spaces
+    around the separator backtracked cubically (2,000 spaces took 18 s).
+    """
+    stripped = line.strip()
+    start = len(stripped)
+    while start > 0 and "a" <= stripped[start - 1] <= "z":
+        start -= 1
+    feature_type, head = stripped[start:], stripped[:start]
+    name = head.rstrip()
+    if name.endswith(":"):
+        name = name[:-1].rstrip()
+    elif name == head:
+        return None  # no separator between the name and the type
+    if not feature_type or not name or ":" in name:
+        return None
+    return name, feature_type
+
+
 def parse_features(raw: str) -> list[dict[str, str]]:
     """`name: type` per line (or `name type`) as feature specs; FormInvalid names the bad line."""
     types = ", ".join(t.value for t in FeatureType)
@@ -86,12 +106,12 @@ def parse_features(raw: str) -> list[dict[str, str]]:
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip() or line.strip().startswith("#"):
             continue
-        match = _FEATURE_LINE.match(line)
-        if match is None or match["type"] not in {t.value for t in FeatureType}:
+        parsed = _feature_line(line)
+        if parsed is None or parsed[1] not in {t.value for t in FeatureType}:
             raise FormInvalid(
                 {"features": f"line {number} ('{line.strip()}'): write `name: type` ({types})"}
             )
-        features.append({"name": match["name"], "type": match["type"]})
+        features.append({"name": parsed[0], "type": parsed[1]})
     if not features:
         raise FormInvalid({"features": f"declare at least one feature, one per line ({types})"})
     return features
