@@ -12,11 +12,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
+# Third-party packages from the lock only (pinned, hashes checked): see `make lock`.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md alembic.ini ./
 COPY platform ./platform
 COPY migrations ./migrations
 # Editable, so the package finds web/ and alembic.ini beside it, as in a checkout.
-RUN pip install -e .
+RUN pip install --no-deps -e .
 COPY web/templates ./web/templates
 COPY web/static ./web/static
 COPY --from=web /app/web/static/vendor ./web/static/vendor

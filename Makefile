@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: bootstrap system web test unit lint typecheck format demo stack-up stack-down stack-status clean
+.PHONY: bootstrap system web test unit lint typecheck format lock audit demo stack-up stack-down stack-status clean
 
 bootstrap: system $(VENV)/.installed web
 
@@ -16,9 +16,23 @@ system:
 web:
 	@deploy/bootstrap.sh web
 
-$(VENV)/.installed: pyproject.toml
+## Third-party packages come from requirements-dev.lock only (pinned, hashes checked).
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
 	deploy/bootstrap.sh python
 	@touch $@
+
+LOCK := $(BIN)/uv pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 --quiet
+## Re-lock after changing pyproject.toml's dependencies: the pins already locked are kept unless a
+## new floor needs otherwise (`make lock ARGS=--upgrade` moves everything to the latest releases).
+lock: $(VENV)/.installed
+	$(LOCK) --extra dev $(ARGS) -o requirements-dev.lock
+	$(LOCK) $(ARGS) -o requirements.lock
+	deploy/bootstrap.sh python
+
+## Known vulnerabilities in the locked packages (pip-audit; needs its vulnerability database online,
+## so it is not part of `make test` or CI).
+audit: $(VENV)/.installed
+	$(BIN)/pip-audit --progress-spinner off --strict --disable-pip -r requirements-dev.lock
 
 ## Lint, then the whole test suite against a real local stack (started and stopped as needed).
 test: bootstrap lint

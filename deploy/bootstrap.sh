@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Carrara needs on a fresh Debian machine, and nothing that is already there.
 #   deploy/bootstrap.sh system   Debian packages: PostgreSQL, Redis, Java 17, Maven
-#   deploy/bootstrap.sh python   the virtualenv in .venv with Carrara and its dev tools
+#   deploy/bootstrap.sh python   the virtualenv in .venv: the locked packages (requirements-dev.lock,
+#                                hashes checked) and Carrara itself
 #   deploy/bootstrap.sh web      the web UI's JS (npm ci, copied to web/static/vendor) and
 #                                Debian's Chromium for the browser tests
 # Idempotent: a second run only checks.
@@ -30,11 +31,20 @@ system_packages() {
   fi
 }
 
+# Every third-party package comes from requirements-dev.lock, pinned with its hashes (pip refuses
+# anything else); only Carrara itself is installed from this checkout. `make lock` re-locks after a
+# change to pyproject.toml's dependencies.
 python_env() {
   "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  local stamp="$VENV/.lock-installed"
+  if [ -f "$stamp" ] && cmp -s "$stamp" <(cat requirements-dev.lock pyproject.toml); then
+    return 0  # this lock and pyproject.toml are what is installed: nothing to do
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes \
+    -r requirements-dev.lock
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+  cat requirements-dev.lock pyproject.toml >"$stamp"
 }
 
 web_assets() {
