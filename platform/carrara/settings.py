@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_DB_PASSWORD = "carrara-dev"  # noqa: S105 - local-stack default, refused in production
@@ -22,7 +22,15 @@ DEV_SECRET_KEY = "carrara-dev-secret-key-change-me"  # noqa: S105 - refused in p
 class Settings(BaseSettings):
     """Configuration of the control plane, workers, scorers and the local stack."""
 
-    model_config = SettingsConfigDict(env_prefix="CARRARA_", env_file=".env", extra="ignore")
+    # `__` nests: CARRARA_KAFKA__<PROPERTY> fills the `kafka` pass-through map (see below).
+    # Validation errors never echo the input (it holds passwords).
+    model_config = SettingsConfigDict(
+        env_prefix="CARRARA_",
+        env_file=".env",
+        extra="ignore",
+        env_nested_delimiter="__",
+        hide_input_in_errors=True,
+    )
 
     environment: Literal["development", "test", "production"] = "development"
     log_level: str = "INFO"
@@ -92,6 +100,33 @@ class Settings(BaseSettings):
     # it means the client is rebuilt (librdkafka can ignore its own timeouts during an outage).
     kafka_call_timeout_s: float = Field(default=30.0, ge=1.0, le=600.0)
 
+    # Kafka security, applied to every Kafka client of every process by
+    # `carrara.streams.client_config` (one identity per process: give each its own environment).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: (
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None
+    ) = None
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    # OAUTHBEARER with OIDC client credentials (`sasl.oauthbearer.method=oidc`).
+    kafka_oidc_token_endpoint_url: str = ""
+    kafka_oidc_client_id: str = ""
+    kafka_oidc_client_secret: SecretStr | None = None
+    kafka_oidc_client_secret_file: Path | None = None
+    kafka_oidc_scope: str = ""
+    # TLS: the CA bundle that signed the brokers' certificates (PEM); a client certificate and key
+    # for mutual TLS.
+    kafka_ssl_ca_location: Path | None = None
+    kafka_ssl_certificate_location: Path | None = None
+    kafka_ssl_key_location: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_key_password_file: Path | None = None
+    # Any other librdkafka property: CARRARA_KAFKA__SSL_ENDPOINT_IDENTIFICATION_ALGORITHM=none sets
+    # `ssl.endpoint.identification.algorithm` (`_` becomes `.`); CARRARA_KAFKA='{"name": "value"}'
+    # gives exact names. Values are kept as secrets (never shown in a repr or a log).
+    kafka: dict[str, SecretStr] = Field(default_factory=dict)
+
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""
     kafka_bootstrap: str = ""
@@ -114,6 +149,42 @@ class Settings(BaseSettings):
             self.mlflow_url = f"http://{self.host}:{self.mlflow_port}"
         if not self.api_url:
             self.api_url = f"http://{self.host}:{self.api_port}"
+        return self
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Settings:
+        """Refuse incomplete Kafka security settings at start, naming settings (never values)."""
+        problems = []
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and self.kafka_sasl_mechanism is None:
+            problems.append("CARRARA_KAFKA_SASL_MECHANISM is required with SASL_* protocols")
+        if not sasl and self.kafka_sasl_mechanism is not None:
+            problems.append("CARRARA_KAFKA_SASL_MECHANISM needs a SASL_* security protocol")
+        if self.kafka_sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
+            self.kafka_sasl_username
+            and (self.kafka_sasl_password or self.kafka_sasl_password_file)
+        ):
+            problems.append(
+                "CARRARA_KAFKA_SASL_USERNAME and CARRARA_KAFKA_SASL_PASSWORD(_FILE) are required "
+                f"with {self.kafka_sasl_mechanism}"
+            )
+        if self.kafka_oidc_token_endpoint_url and not (
+            self.kafka_oidc_client_id
+            and (self.kafka_oidc_client_secret or self.kafka_oidc_client_secret_file)
+        ):
+            problems.append(
+                "CARRARA_KAFKA_OIDC_CLIENT_ID and CARRARA_KAFKA_OIDC_CLIENT_SECRET(_FILE) are "
+                "required with CARRARA_KAFKA_OIDC_TOKEN_ENDPOINT_URL"
+            )
+        for secret, file in (
+            ("KAFKA_SASL_PASSWORD", self.kafka_sasl_password_file),
+            ("KAFKA_OIDC_CLIENT_SECRET", self.kafka_oidc_client_secret_file),
+            ("KAFKA_SSL_KEY_PASSWORD", self.kafka_ssl_key_password_file),
+        ):
+            if file is not None and not file.is_file():
+                problems.append(f"CARRARA_{secret}_FILE names no readable file")
+        if problems:
+            raise ValueError("Kafka security settings: " + "; ".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ def _probe_postgres(settings: Settings) -> str:
 
 
 def _probe_kafka(settings: Settings) -> str:
-    return f"{TopicAdmin(settings.kafka_bootstrap).ping(timeout=2.0)} broker(s)"
+    return f"{TopicAdmin(settings.kafka_bootstrap, settings).ping(timeout=2.0)} broker(s)"
 
 
 def _probe_redis(settings: Settings) -> str:

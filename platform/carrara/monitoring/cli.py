@@ -32,7 +32,9 @@ def main(
     from carrara.streams.topics import TopicAdmin
 
     try:
-        TopicAdmin(settings.kafka_bootstrap).create_topic(settings.alerts_topic, 1, exist_ok=True)
+        TopicAdmin(settings.kafka_bootstrap, settings).create_topic(
+            settings.alerts_topic, 1, exist_ok=True
+        )
     except Exception as exc:  # the alerts wait in the outbox until the topic exists
         log.warning("cannot create the alerts topic", error=str(exc))
     monitor = Monitor(settings, sessionmaker(bind=engine_for(settings.database_url)))

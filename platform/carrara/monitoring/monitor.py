@@ -40,6 +40,7 @@ from carrara.monitoring.policies import apply_policies
 from carrara.monitoring.topology import Roles, roles_of, start_offsets
 from carrara.monitoring.watched import Watched, load_watched
 from carrara.settings import Settings
+from carrara.streams.client_config import connection_config
 from carrara.streams.consumed import position
 from carrara.streams.resilience import Backoff, CallGuard, ClientHung, LoopHealth, caught_up
 
@@ -65,7 +66,7 @@ class Monitor:
         self.health = LoopHealth("monitor", settings.stall_timeout_s)
         self._consumer = Consumer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap,
+                **connection_config(settings.kafka_bootstrap, settings),
                 "group.id": GROUP_ID,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",

@@ -1,23 +1,95 @@
 """librdkafka configuration for Carrara's consumers, producers and admin clients.
 
+Every Kafka client Carrara builds starts from `connection_config`: the bootstrap servers plus the
+process's security settings (`CARRARA_KAFKA_SECURITY_PROTOCOL`, SASL, TLS and the
+`CARRARA_KAFKA__<PROPERTY>` pass-through). A process has one identity: its settings are read from
+its own environment, so a scorer, the monitor and the control plane can run with different
+credentials. Secrets are read here, at client creation (from the environment or a `*_FILE`), and
+never logged.
+
 The tuned values come from measurements on this machine (benchmarks/RESULTS.md): with librdkafka's
 defaults consuming was ~30x slower than with larger fetches and batched `consume()` calls.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 
-def admin_config(bootstrap: str) -> dict[str, Any]:
+from carrara.settings import Settings, get_settings
+
+# librdkafka properties whose names contain `_` themselves (kept as given in the pass-through).
+_UNDERSCORED = frozenset({"log_level", "enabled_events"})
+
+
+def _secret(value: SecretStr | None, file: Path | None) -> str | None:
+    if file is not None:
+        return file.read_text().strip()
+    return value.get_secret_value() if value is not None else None
+
+
+def property_name(key: str) -> str:
+    """`ssl_endpoint_identification_algorithm` (from CARRARA_KAFKA__...) -> librdkafka's name."""
+    key = key.lower()
+    if "." in key or key in _UNDERSCORED:
+        return key
+    return key.replace("_", ".")
+
+
+def security_config(settings: Settings) -> dict[str, Any]:
+    """The librdkafka security properties of `settings`: protocol, SASL, TLS, pass-through."""
+    s = settings
+    config: dict[str, Any] = {"security.protocol": s.kafka_security_protocol.lower()}
+    if s.kafka_sasl_mechanism is not None:
+        config["sasl.mechanism"] = s.kafka_sasl_mechanism
+    if s.kafka_sasl_username:
+        config["sasl.username"] = s.kafka_sasl_username
+    password = _secret(s.kafka_sasl_password, s.kafka_sasl_password_file)
+    if password is not None:
+        config["sasl.password"] = password
+    if s.kafka_oidc_token_endpoint_url:
+        config["sasl.oauthbearer.method"] = "oidc"
+        config["sasl.oauthbearer.token.endpoint.url"] = s.kafka_oidc_token_endpoint_url
+        config["sasl.oauthbearer.client.id"] = s.kafka_oidc_client_id
+        secret = _secret(s.kafka_oidc_client_secret, s.kafka_oidc_client_secret_file)
+        if secret is not None:
+            config["sasl.oauthbearer.client.secret"] = secret
+        if s.kafka_oidc_scope:
+            config["sasl.oauthbearer.scope"] = s.kafka_oidc_scope
+    for name, path in (
+        ("ssl.ca.location", s.kafka_ssl_ca_location),
+        ("ssl.certificate.location", s.kafka_ssl_certificate_location),
+        ("ssl.key.location", s.kafka_ssl_key_location),
+    ):
+        if path is not None:
+            config[name] = str(path)
+    key_password = _secret(s.kafka_ssl_key_password, s.kafka_ssl_key_password_file)
+    if key_password is not None:
+        config["ssl.key.password"] = key_password
+    for key, value in s.kafka.items():
+        config[property_name(key)] = value.get_secret_value()
+    return config
+
+
+def connection_config(bootstrap: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Where and how to connect: `bootstrap` plus the security settings of `settings` (by default
+    the process's own). Every Carrara Kafka client's configuration starts here."""
+    return {"bootstrap.servers": bootstrap, **security_config(settings or get_settings())}
+
+
+def admin_config(bootstrap: str, settings: Settings | None = None) -> dict[str, Any]:
     # log_level 3 (errors only, no per-attempt connection chatter while a broker is down).
-    return {"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000, "log_level": 3}
+    return {**connection_config(bootstrap, settings), "socket.timeout.ms": 5000, "log_level": 3}
 
 
-def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+def producer_config(
+    bootstrap: str, settings: Settings | None = None, **overrides: Any
+) -> dict[str, Any]:
     """An idempotent producer (no duplicates on retry) that batches for throughput."""
     return {
-        "bootstrap.servers": bootstrap,
+        **connection_config(bootstrap, settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -27,10 +99,12 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str, Any]:
+def consumer_config(
+    bootstrap: str, group_id: str, settings: Settings | None = None, **overrides: Any
+) -> dict[str, Any]:
     """A consumer that stores offsets only after processing (at-least-once by construction)."""
     return {
-        "bootstrap.servers": bootstrap,
+        **connection_config(bootstrap, settings),
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,

@@ -14,12 +14,15 @@ from confluent_kafka.admin import (
     NewTopic,  # pyright: ignore[reportPrivateImportUsage]
 )
 
+from carrara.settings import Settings
 from carrara.streams.client_config import admin_config
 
 
 class TopicAdmin:
-    def __init__(self, bootstrap: str) -> None:
-        self._admin = AdminClient(admin_config(bootstrap))
+    def __init__(self, bootstrap: str, settings: Settings | None = None) -> None:
+        """An admin client of `bootstrap` with the security settings of `settings` (by default
+        the process's own, see `client_config.connection_config`)."""
+        self._admin = AdminClient(admin_config(bootstrap, settings))
 
     def create_topic(
         self,
