@@ -178,7 +178,7 @@ def test_a_version_without_onnx_is_served_natively(
     np.testing.assert_allclose(model.scores(reg.holdout), reg.trained.scores(reg.holdout))
 
 
-def test_a_model_logged_without_carrara_is_served_by_pyfunc_in_batches(
+def test_a_model_logged_without_carrara_is_served_by_pyfunc_in_batches_only_if_trusted(
     stack_settings: Settings, mlflow_experiment: str
 ) -> None:
     rng = np.random.default_rng(4)
@@ -201,7 +201,10 @@ def test_a_model_logged_without_carrara_is_served_by_pyfunc_in_batches(
             pip_requirements=["scikit-learn"],
         )
 
-    model = load_model_version(stack_settings.mlflow_url, name, 1)
+    # pyfunc may run code bundled with the model: only for a version an admin trusted.
+    with pytest.raises(ModelLoadError, match=r"refused: .* MLflow pyfunc, .* trusted code"):
+        load_model_version(stack_settings.mlflow_url, name, 1)
+    model = load_model_version(stack_settings.mlflow_url, name, 1, trusted_code=True)
     validate(model)
     assert model.runtime == "pyfunc"
     assert model.feature_names == ["amount", "age", "visits"]
@@ -352,3 +355,27 @@ def test_scores_refuse_a_matrix_of_the_wrong_width(
         model.scores(np.zeros((3, 5)))
     with pytest.raises(ValueError, match=r"got shape \(6,\)"):
         model.scores(np.zeros(6))
+
+
+@pytest.mark.parametrize("prefer_onnx", [True, False])
+def test_pinned_digests_are_verified_before_loading(
+    prefer_onnx: bool, registered: dict[str, Registered], stack_settings: Settings
+) -> None:
+    logged = registered["lgbm"].logged
+    digests = logged.artifact_digests
+    assert digests is not None
+    assert {"carrara_model.json", "onnx/model.onnx", "model/MLmodel"} <= set(digests)
+    name = logged.registered_model_name
+    model = load_model_version(
+        stack_settings.mlflow_url, name, 1, prefer_onnx=prefer_onnx, digests=digests
+    )
+    assert model.runtime == ("onnx" if prefer_onnx else "native")
+    assert model.digests == digests
+    # Other bytes pinned for the model file (or the card): refused, naming the file.
+    target = "onnx/model.onnx" if prefer_onnx else "model/model.skops"
+    for key in (target, "carrara_model.json"):
+        wrong = {**digests, key: "sha256:" + "0" * 64}
+        with pytest.raises(ModelLoadError, match=rf"refused: .*{key}.* changed since"):
+            load_model_version(
+                stack_settings.mlflow_url, name, 1, prefer_onnx=prefer_onnx, digests=wrong
+            )

@@ -23,6 +23,7 @@ from carrara.deployments.specs import (
     check_topics,
     monitoring_config_of,
     normalize,
+    pins_of,
     spec_hash,
     topics_of,
     validate_live,
@@ -167,7 +168,8 @@ def _new_revision(
     session.add(revision)
     deployment.current_revision = revision.number
     deployment.stopped_at = now if spec is None else None
-    wire = wire_spec(deployment, revision.number, spec, now)
+    # The versions' digests and trust as the registry holds them when the revision is made.
+    wire = wire_spec(deployment, revision.number, spec, now, pins_of(session, spec))
     # Same transaction as the revision: published after commit, never lost, never early.
     enqueue_kafka(session, publishing.deployments_topic, deployment.name, spec_to_dict(wire))
     session.flush()

@@ -5,6 +5,7 @@ read from it (champion, verdict metric, monitoring config). No revision is writt
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -66,16 +67,20 @@ def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
     """
     variants = []
     for v in sorted(body.variants, key=lambda v: v.name):
-        variants.append(
-            {
-                "name": v.name,
-                "model": v.model,
-                "version": resolve_version(session, v.name, v.model, v.version, v.alias),
-                "weight": v.weight,
-                "shadow": v.shadow,
-                "shadow_sample_pct": float(v.shadow_sample_pct or 100) if v.shadow else None,
-            }
-        )
+        version = resolve_version(session, v.name, v.model, v.version, v.alias)
+        variant = {
+            "name": v.name,
+            "model": v.model,
+            "version": version,
+            "weight": v.weight,
+            "shadow": v.shadow,
+            "shadow_sample_pct": float(v.shadow_sample_pct or 100) if v.shadow else None,
+        }
+        # Only when set, so specs of untrusted versions keep their hash; marking a version
+        # trusted (or not) makes the same file a new desired state.
+        if registry.get_version(session, v.model, version).trusted_code:
+            variant["trusted_code"] = True
+        variants.append(variant)
     spec: dict[str, Any] = {
         "input_topic": body.input_topic,
         "output_topic": body.output_topic,
@@ -220,10 +225,40 @@ def validate_live(session: Session, spec: dict[str, Any], kafka_bootstrap: str) 
     check_topics(kafka_bootstrap, topics_of(spec))
 
 
+@dataclass(frozen=True)
+class Pin:
+    """What a scorer must know of a model version besides its name: the pinned digests of its
+    files and whether an admin trusts it to run code (from Postgres, never from MLflow)."""
+
+    artifact_digests: dict[str, str] | None
+    trusted_code: bool
+
+
+def pins_of(session: Session, spec: dict[str, Any] | None) -> dict[tuple[str, int], Pin]:
+    """The pin of every model version a spec's variants name, as the registry holds it now."""
+    pins: dict[tuple[str, int], Pin] = {}
+    for v in (spec or {}).get("variants", []):
+        key = (v["model"], int(v["version"]))
+        if key not in pins:
+            row = registry.get_version(session, *key)
+            pins[key] = Pin(row.artifact_digests, row.trusted_code)
+    return pins
+
+
 def wire_spec(
-    deployment: Deployment, number: int, spec: dict[str, Any] | None, published_at: datetime
+    deployment: Deployment,
+    number: int,
+    spec: dict[str, Any] | None,
+    published_at: datetime,
+    pins: dict[tuple[str, int], Pin] | None = None,
 ) -> DeploymentSpec:
-    """The deployments-topic record of revision `number` (a stop record when `spec` is None)."""
+    """The deployments-topic record of revision `number` (a stop record when `spec` is None).
+
+    Each variant carries its version's `pins` (digests, trusted code); a version without a pin
+    gets none (its scorer loads only formats that run no code, without digest checks).
+    """
+    pins = pins or {}
+    no_pin = Pin(None, False)
     common = {
         "name": deployment.name,
         "revision": number,
@@ -246,6 +281,8 @@ def wire_spec(
                 weight=v["weight"],
                 shadow=v["shadow"],
                 shadow_sample_pct=v["shadow_sample_pct"],
+                artifact_digests=pins.get((v["model"], v["version"]), no_pin).artifact_digests,
+                trusted_code=pins.get((v["model"], v["version"]), no_pin).trusted_code,
             )
             for v in spec["variants"]
         ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -40,6 +40,14 @@ class ModelVersion(TimestampMixin, Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     # The training data's distribution per feature (bins and shares), for drift monitoring.
     feature_profile: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # SHA-256 of every file a scorer loads, pinned at registration (carrara.artifacts); None for
+    # versions registered before digests existed. Deployments carry them to the scorers.
+    artifact_digests: Mapped[dict[str, str] | None] = mapped_column(JSONB)
+    # Set by an admin (audited): the version may be loaded from formats that run code (pickle,
+    # cloudpickle, pyfunc). Scorers learn it from the deployment spec, never from MLflow.
+    trusted_code: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # How it came: "training" (a Carrara run), "mlflow" (imported), "upload" (an ONNX upload).
+    origin: Mapped[str | None] = mapped_column(String(20))
 
     registered_model: Mapped[RegisteredModel] = relationship(back_populates="versions")
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
+from carrara.artifacts import CARD_KEY, ONNX_KEY, directory_digests, sha256_file
 from carrara.errors import Invalid, NotFound, Unavailable
 
 T = TypeVar("T")
@@ -134,3 +138,53 @@ def delete_alias(client: MlflowClient, name: str, alias: str) -> None:
         )
     except NotFound:
         return
+
+
+# Version tags naming the files a scorer reads besides the model directory (as training sets them).
+TAG_MODEL_CARD = "carrara.model_card"
+TAG_ONNX = "carrara.onnx"
+TAG_ONNX_ARTIFACT = "carrara.onnx_artifact"
+# As in the scorer: a tag may only name an artifact served by the tracking server.
+ALLOWED_TAG_URI_PREFIXES = ("runs:/", "mlflow-artifacts:")
+
+
+def pin_version(tracking_uri: str, name: str, version: int) -> dict[str, str]:
+    """The digests of every file a scorer may load of `name`/`version` (see carrara.artifacts).
+
+    Downloads the registered model directory, the model card and the ONNX export the version's
+    tags name, as they are in MLflow now: call it when the version is registered.
+    """
+    client = registry_client(tracking_uri)
+    what = f"version {version} of model '{name}'"
+    mv = _call(what, lambda: client.get_model_version(name, str(version)))
+    model_uri = _call(what, lambda: client.get_model_version_download_uri(name, str(version)))
+    tags = dict(mv.tags or {})
+    files = {CARD_KEY: tags.get(TAG_MODEL_CARD) or None}
+    if tags.get(TAG_ONNX) == "true":
+        files[ONNX_KEY] = tags.get(TAG_ONNX_ARTIFACT) or None
+    with tempfile.TemporaryDirectory(prefix="carrara-pin-") as tmp:
+
+        def fetch(uri: str, into: str) -> Path:
+            destination = Path(tmp) / into
+            destination.mkdir()
+            return Path(
+                _call(
+                    f"artifacts of {what} ({uri})",
+                    lambda: download_artifacts(
+                        artifact_uri=uri,
+                        dst_path=str(destination),
+                        tracking_uri=tracking_uri,
+                        registry_uri=tracking_uri,
+                    ),
+                )
+            )
+
+        root = fetch(model_uri, "model")
+        digests = directory_digests(root) if root.is_dir() else {}
+        for i, (key, uri) in enumerate(files.items()):
+            if uri is None or not uri.startswith(ALLOWED_TAG_URI_PREFIXES):
+                continue  # a scorer refuses such a version anyway
+            path = fetch(uri, f"file-{i}")
+            if path.is_file():
+                digests[key] = sha256_file(path)
+    return digests

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from carrara.deps import (
+    Admin,
     AliasName,
     Editor,
     ModelName,
@@ -24,6 +25,7 @@ from carrara.registry.schemas import (
     ModelOut,
     ModelSummary,
     SyncOut,
+    TrustIn,
     VersionOut,
     VersionRef,
 )
@@ -70,6 +72,16 @@ def import_version(
     client = registry_client(settings.mlflow_url)
     row = service.import_version(session, client, name, body.version, principal)
     return views.version_detail(session, name, row.version)
+
+
+@router.put("/{name}/versions/{version}/trust", response_model=VersionOut)
+def set_trust(
+    name: ModelName, version: VersionNumber, body: TrustIn, session: SessionDep, principal: Admin
+) -> VersionOut:
+    """Admins only, audited: allow (or forbid) scorers to load the version from formats that
+    execute code (pickle, cloudpickle, pyfunc). Effective from the deployment's next revision."""
+    service.set_trusted_code(session, name, version, body.trusted_code, body.reason, principal)
+    return views.version_detail(session, name, version)
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasOut)

@@ -22,6 +22,15 @@ class VersionRef(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION, description="Model version number")
 
 
+class TrustIn(BaseModel):
+    """Whether scorers may load the version from formats that execute code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trusted_code: bool
+    reason: str = Field(default="", max_length=500, description="Why (kept in the audit log)")
+
+
 class DatasetLineage(BaseModel):
     """The dataset snapshot a version was trained on: offsets pin exactly which events."""
 
@@ -54,6 +63,19 @@ class VersionOut(BaseModel):
     aliases: list[str]
     run: RunLineage | None = Field(
         description="The training run behind it; null for versions imported from MLflow"
+    )
+    origin: str | None = Field(
+        default=None, description="training, mlflow (imported) or upload (an ONNX upload)"
+    )
+    trusted_code: bool = Field(
+        default=False,
+        description="An admin allowed scorers to load it from formats that execute code "
+        "(pickle, cloudpickle, pyfunc)",
+    )
+    artifact_digests: dict[str, str] | None = Field(
+        default=None,
+        description="SHA-256 of every file a scorer loads, pinned at registration (null for "
+        "versions registered before digests existed)",
     )
     created_at: datetime
 

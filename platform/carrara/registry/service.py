@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, selectinload
 
 from carrara.audit.service import record
 from carrara.auth.principal import Principal
-from carrara.errors import Conflict, Invalid, NotFound
+from carrara.auth.roles import Role
+from carrara.errors import Conflict, Forbidden, Invalid, NotFound
 from carrara.models import (
     DatasetVersion,
     ModelAlias,
@@ -143,11 +144,15 @@ def register_version(
     run_id: int | None,
     mlflow_source: str,
     metrics: dict[str, Any],
+    *,
+    artifact_digests: dict[str, str] | None = None,
+    origin: str | None = None,
 ) -> ModelVersion:
     """Record version `version` of model `name` (registered in MLflow) with its lineage.
 
-    Idempotent for the same run (a retried training task gets the existing row back); Conflict if
-    the version is already recorded for something else. Links the run to the version.
+    `artifact_digests` pins the files scorers will load (carrara.artifacts). Idempotent for the
+    same run (a retried training task gets the existing row back); Conflict if the version is
+    already recorded for something else. Links the run to the version.
     """
     if len(mlflow_source) > MAX_SOURCE_LENGTH:
         raise Invalid(f"MLflow source of {name} v{version} is longer than {MAX_SOURCE_LENGTH}")
@@ -163,6 +168,8 @@ def register_version(
         run_id=run_id,
         mlflow_source=mlflow_source,
         metrics=metrics,
+        artifact_digests=artifact_digests,
+        origin=origin or ("training" if run_id is not None else "mlflow"),
     )
     try:
         # A savepoint, so a concurrent registration of the same version becomes a 409, not a 500.
@@ -178,6 +185,37 @@ def register_version(
         if run is None:
             raise NotFound(f"training run {run_id} does not exist")
         run.model_version_id = row.id
+    return row
+
+
+def set_trusted_code(
+    session: Session, name: str, version: int, trusted: bool, reason: str, actor: Principal
+) -> ModelVersion:
+    """Mark (or unmark) version `version` of `name` as trusted code; admins only, audited.
+
+    A trusted version may be loaded by scorers from formats that execute code (pickle,
+    cloudpickle, pyfunc with bundled code). It takes effect at the deployment's next revision:
+    the flag travels in the deployment spec, never through MLflow.
+    """
+    if not actor.can(Role.admin):
+        raise Forbidden(
+            f"marking a model version as trusted code needs the admin role; token "
+            f"'{actor.name}' has role {actor.role}"
+        )
+    row = get_version(session, name, version)
+    before = row.trusted_code
+    row.trusted_code = trusted
+    session.flush()
+    record(
+        session,
+        actor,
+        "model.version.trust" if trusted else "model.version.distrust",
+        "model",
+        name,
+        before={"version": version, "trusted_code": before},
+        after={"version": version, "trusted_code": trusted},
+        detail=reason,
+    )
     return row
 
 
@@ -205,20 +243,25 @@ def import_version(
         raise Conflict(f"version {version} of model '{name}' is already imported")
     found = mlflow_sync.fetch_version(client, name, version)
     description = mlflow_sync.fetch_model(client, name).description if existing is None else ""
-    row = _record_mlflow_version(session, found, description)
+    row = _record_mlflow_version(session, client, found, description)
     record(
         session,
         actor,
         "model.version.import",
         "model",
         name,
-        after={"version": row.version, "mlflow_source": row.mlflow_source},
+        after={
+            "version": row.version,
+            "mlflow_source": row.mlflow_source,
+            "artifact_digests": row.artifact_digests,
+        },
     )
     return row
 
 
 def _record_mlflow_version(
     session: Session,
+    client: MlflowClient,
     found: mlflow_sync.MlflowVersion,
     description: str = "",
     *,
@@ -231,8 +274,17 @@ def _record_mlflow_version(
         )
     if description:
         _get_or_create_model(session, found.name, description)
+    # Pinned now: what MLflow holds when Carrara first sees the version is what scorers load.
+    digests = mlflow_sync.pin_version(client.tracking_uri, found.name, found.version)
     row = register_version(
-        session, found.name, found.version, run_id, found.source, dict(found.metrics)
+        session,
+        found.name,
+        found.version,
+        run_id,
+        found.source,
+        dict(found.metrics),
+        artifact_digests=digests,
+        origin="mlflow",
     )
     if mirror_aliases:
         model = get_model(session, found.name)
@@ -329,7 +381,7 @@ def sync_model(session: Session, client: MlflowClient, name: str, actor: Princip
         if version not in known:
             found = mlflow_sync.fetch_version(client, name, version)
             # Aliases are reconciled below, all at once, so the result reports every change.
-            _record_mlflow_version(session, found, mirror_aliases=False)
+            _record_mlflow_version(session, client, found, mirror_aliases=False)
             result.imported_versions.append(version)
     model = get_model(session, name)
     rows = {v.version: v for v in model.versions}

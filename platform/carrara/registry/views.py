@@ -54,6 +54,9 @@ def version_out(
         metrics=row.metrics,
         aliases=service.aliases_by_version(model).get(row.version, []),
         run=run_lineage(runs.get(row.run_id) if row.run_id else None),
+        origin=row.origin,
+        trusted_code=row.trusted_code,
+        artifact_digests=row.artifact_digests,
         created_at=row.created_at,
     )
 

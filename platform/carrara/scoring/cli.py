@@ -37,6 +37,9 @@ def main(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    # MLflow must never unpickle for a scorer: Carrara reads model files itself, by format
+    # (carrara.artifacts), and only versions an admin trusted may run code.
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     from carrara.probes import serve
@@ -52,6 +55,7 @@ def main(
         metrics_port if metrics_port is not None else settings.scorer_metrics_port,
         healthy=reconciler.healthy,
         readiness=reconciler.readiness,
+        host=settings.probes_host,
     )
     # Every event allocates a handful of short-lived objects; with ~170k long-lived objects from
     # the imports (MLflow, ONNX Runtime) the collector's full passes cost more CPU than the

@@ -19,6 +19,13 @@ Everything is fetched over HTTP from the MLflow server (registry, run and logged
 scorers share no disk with it. Artifact URIs in version tags are accepted only as `runs:/` or
 `mlflow-artifacts:` URIs, so a tag cannot send a scorer to another store or a local path.
 
+What MLflow serves is not trusted (carrara.artifacts): when the deployment spec pins the version's
+digests, every downloaded file is checked against them before it is read; models are read only
+from formats that execute no code (ONNX, LightGBM/XGBoost native files, skops with Carrara's own
+allow-list of types, never the one in the `MLmodel` file), by Carrara's code rather than MLflow's
+flavour loaders. Pickle, cloudpickle and pyfunc (which may bundle code) load only when the spec
+says an admin marked the version as trusted code.
+
 This module must not import `carrara.training` or the database (docs/architecture.md): the few
 lines of the autoencoder's score are repeated here.
 """
@@ -44,6 +51,21 @@ from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from carrara.artifacts import (
+    CARD_KEY,
+    LIGHTGBM_BOOSTER,
+    MODEL_PREFIX,
+    ONNX_KEY,
+    SKOPS_ALLOWED_TYPES,
+    XGBOOST_CLASSES,
+    XGBOOST_FORMATS,
+    DigestMismatch,
+    refused_skops_types,
+    sha256_file,
+    verify,
+    verify_directory,
+)
+
 # MLflow reads this at each download: tqdm bars on stderr would garble the structured logs.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 log = structlog.get_logger(__name__)
@@ -56,7 +78,7 @@ TAG_ONNX_ARTIFACT = "carrara.onnx_artifact"
 TAG_MODEL_CARD = "carrara.model_card"
 TAG_ALGORITHM = "carrara.algorithm"
 CARD_FORMAT = 1
-NATIVE_FLAVORS = ("sklearn", "lightgbm", "xgboost")
+NATIVE_FLAVORS = ("sklearn", "lightgbm", "xgboost", "onnx")
 # Tag URIs must resolve through the tracking server, never to another store or a local file.
 ALLOWED_TAG_URI_PREFIXES = ("runs:/", "mlflow-artifacts:")
 # A probability row of a multiclass model sums to 1 up to float32 rounding in ONNX.
@@ -83,6 +105,11 @@ class ModelCard(msgspec.Struct, kw_only=True):
     classes: list[Any] | None = None
     threshold: float | None = None
     score: str | None = None
+    # ONNX models uploaded to Carrara: the input and output tensors to use, and whether the model
+    # scores rows with missing values (NaN) as finite numbers.
+    onnx_input: str | None = None
+    onnx_output: str | None = None
+    handles_missing: bool = True
 
 
 @dataclass(eq=False)
@@ -107,6 +134,12 @@ class LoadedModel:
     # How many columns the model itself takes, when it says (checked against the card).
     model_width: int | None = field(default=None, repr=False)
     scorer: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    # Whether validation also scores a row of missing values (Carrara's models handle NaN).
+    handles_missing: bool = field(default=True, repr=False)
+    # The pinned digests the files were verified against (None: not pinned), and whether the
+    # version was loaded as trusted code: a cached model serves only the same expectations.
+    digests: dict[str, str] | None = field(default=None, repr=False)
+    trusted_code: bool = False
 
     @property
     def key(self) -> str:
@@ -138,9 +171,19 @@ class LoadedModel:
 
 
 def load_model_version(
-    tracking_uri: str, name: str, version: int | str, *, prefer_onnx: bool = True
+    tracking_uri: str,
+    name: str,
+    version: int | str,
+    *,
+    prefer_onnx: bool = True,
+    digests: dict[str, str] | None = None,
+    trusted_code: bool = False,
 ) -> LoadedModel:
-    """Load `name`/`version` from the MLflow server with the fastest runtime it allows."""
+    """Load `name`/`version` from the MLflow server with the fastest runtime it allows.
+
+    With `digests` (from the deployment spec) every file is verified before it is read; only
+    `trusted_code` versions may load from formats that execute code.
+    """
     started = time.perf_counter()
     number = _version_number(name, version)
     key = f"{name}/{number}"
@@ -157,18 +200,22 @@ def load_model_version(
     if mv.status != "READY":
         raise ModelLoadError(f"{key}: the version is {mv.status}, not READY ({mv.status_message})")
     tags = dict(mv.tags or {})
-    fetch = _Fetcher(tracking_uri, name, number)
+    fetch = _Fetcher(tracking_uri, name, number, digests, trusted_code)
+    if digests is None:
+        log.warning("model version loaded without pinned digests", model=key)
     card_uri = tags.get(TAG_MODEL_CARD)
     if card_uri:
-        card = _parse_card(key, fetch.read(card_uri, "model card"))
+        card = _parse_card(key, fetch.read(card_uri, "model card", CARD_KEY))
         onnx_uri = tags.get(TAG_ONNX_ARTIFACT) if tags.get(TAG_ONNX) == "true" else None
-        if prefer_onnx and onnx_uri:
+        if prefer_onnx and onnx_uri and card.flavor != "onnx":
             loaded = _load_onnx(fetch, card, model_uri, onnx_uri)
         else:
             loaded = _load_native(fetch, card, model_uri)
     else:
         loaded = _load_pyfunc(fetch, model_uri)
         loaded.algorithm = tags.get(TAG_ALGORITHM)
+    loaded.digests = digests
+    loaded.trusted_code = trusted_code
     loaded.load_seconds = time.perf_counter() - started
     log.info(
         "model version loaded",
@@ -191,15 +238,49 @@ def _version_number(name: str, version: int | str) -> int:
 
 
 class _Fetcher:
-    """Downloads artifacts of one model version over HTTP, with errors naming what failed."""
+    """Downloads artifacts of one model version over HTTP, with errors naming what failed.
 
-    def __init__(self, tracking_uri: str, name: str, version: int) -> None:
+    With pinned `digests`, every download is verified under its key (carrara.artifacts) before
+    anything reads it.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        name: str,
+        version: int,
+        digests: dict[str, str] | None = None,
+        trusted_code: bool = False,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.name = name
         self.version = version
         self.key = f"{name}/{version}"
+        self.digests = digests
+        self.trusted_code = trusted_code
 
-    def download(self, uri: str, what: str, dst: str) -> Path:
+    def download(self, uri: str, what: str, dst: str, digest_key: str) -> Path:
+        """Download `uri` into `dst` and verify it as `digest_key` (a file, or a directory when
+        the key ends with "/")."""
+        path = self._download(uri, what, dst)
+        if self.digests is not None:
+            try:
+                if digest_key.endswith("/"):
+                    if not path.is_dir():
+                        raise DigestMismatch(f"{digest_key} is not a directory")
+                    verify_directory(self.digests, path, digest_key)
+                else:
+                    if not path.is_file():
+                        raise DigestMismatch(f"{digest_key} is not a file")
+                    verify(self.digests, {digest_key: sha256_file(path)})
+            except DigestMismatch as exc:
+                raise ModelLoadError(
+                    f"{self.key}: refused: the {what} does not match the digests pinned at "
+                    f"registration: {exc}"
+                ) from exc
+        return path
+
+    def _download(self, uri: str, what: str, dst: str) -> Path:
         if not uri.startswith(ALLOWED_TAG_URI_PREFIXES):
             raise ModelLoadError(
                 f"{self.key}: the {what} URI {uri!r} must be a runs:/ or mlflow-artifacts: URI "
@@ -218,9 +299,9 @@ class _Fetcher:
             ) from exc
         return Path(path)
 
-    def read(self, uri: str, what: str) -> bytes:
+    def read(self, uri: str, what: str, digest_key: str) -> bytes:
         with tempfile.TemporaryDirectory(prefix="carrara-model-") as tmp:
-            path = self.download(uri, what, tmp)
+            path = self.download(uri, what, tmp, digest_key)
             if not path.is_file():
                 raise ModelLoadError(f"{self.key}: the {what} at {uri} is not a file")
             return path.read_bytes()
@@ -325,16 +406,22 @@ def _load_onnx(fetch: _Fetcher, card: ModelCard, model_uri: str, onnx_uri: str) 
     key = fetch.key
     if card.task == "anomaly" or card.algorithm == "autoencoder":
         raise ModelLoadError(f"{key}: ONNX artifacts of anomaly models are not supported")
-    model_bytes = fetch.read(onnx_uri, "ONNX artifact")
-    scorer = _OnnxScorer(key, model_bytes, card.task)
+    model_bytes = fetch.read(onnx_uri, "ONNX artifact", ONNX_KEY)
+    scorer = _OnnxScorer(key, model_bytes, card)
     with tempfile.TemporaryDirectory(prefix="carrara-model-") as tmp:
         directory = Path(tmp)
         # Only the MLmodel file and the input example: the native model is not needed here.
-        fetch.download(f"{model_uri}/MLmodel", "MLmodel file", tmp)
+        fetch.download(f"{model_uri}/MLmodel", "MLmodel file", tmp, f"{MODEL_PREFIX}MLmodel")
         mlmodel = _read_mlmodel(key, directory)
         info = mlmodel.saved_input_example_info or {}
         if info.get("artifact_path"):
-            fetch.download(f"{model_uri}/{info['artifact_path']}", "input example", tmp)
+            example_path = str(info["artifact_path"])
+            fetch.download(
+                f"{model_uri}/{example_path}",
+                "input example",
+                tmp,
+                f"{MODEL_PREFIX}{example_path}",
+            )
         example = _input_example(key, mlmodel, directory, card.feature_names)
     return _loaded(
         fetch, card, "onnx", input_example=example, model_width=scorer.width, scorer=scorer
@@ -344,8 +431,10 @@ def _load_onnx(fetch: _Fetcher, card: ModelCard, model_uri: str, onnx_uri: str) 
 class _OnnxScorer:
     """ONNX Runtime on one thread: the scorer scales out by processes, not threads."""
 
-    def __init__(self, key: str, model_bytes: bytes, task: str) -> None:
+    def __init__(self, key: str, model_bytes: bytes, card: ModelCard) -> None:
         import onnxruntime as ort
+
+        task = "anomaly" if card.task == "anomaly" else card.task
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -357,13 +446,20 @@ class _OnnxScorer:
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ModelLoadError(f"{key}: the ONNX artifact cannot be loaded: {exc}") from exc
-        model_input = self._session.get_inputs()[0]
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        if card.onnx_input is not None and card.onnx_input not in inputs:
+            raise ModelLoadError(f"{key}: the ONNX model has no input {card.onnx_input!r}")
+        model_input = inputs[card.onnx_input] if card.onnx_input else self._session.get_inputs()[0]
         self._input = model_input.name
         self._dtype = np.float64 if model_input.type == "tensor(double)" else np.float32
         shape = model_input.shape
         self.width = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
         outputs = [o.name for o in self._session.get_outputs()]
-        if task == "regression":
+        if card.onnx_output is not None:
+            if card.onnx_output not in outputs:
+                raise ModelLoadError(f"{key}: the ONNX model has no output {card.onnx_output!r}")
+            self._output = card.onnx_output
+        elif task in ("regression", "anomaly"):
             self._output = outputs[0]
         else:
             # Converters name the probability tensor differently; it comes after the label.
@@ -375,10 +471,13 @@ class _OnnxScorer:
         feed = {self._input: x.astype(self._dtype, copy=False)}
         (out,) = self._session.run([self._output], feed)
         values = np.asarray(out, dtype=np.float64)
-        if self.task == "regression":
+        if self.task in ("regression", "anomaly"):
             return values.reshape(-1)
-        if self.task == "binary" and values.ndim == 2 and values.shape[1] == 2:
-            return values[:, 1]
+        if self.task == "binary":
+            if values.ndim == 2 and values.shape[1] == 2:
+                return values[:, 1]
+            if values.ndim == 2 and values.shape[1] == 1:
+                return values[:, 0]
         return values
 
 
@@ -389,7 +488,7 @@ def _load_native(fetch: _Fetcher, card: ModelCard, model_uri: str) -> LoadedMode
             f"{key}: unsupported flavor {card.flavor!r} (supported: {', '.join(NATIVE_FLAVORS)})"
         )
     with tempfile.TemporaryDirectory(prefix="carrara-model-") as tmp:
-        directory = fetch.download(model_uri, "model", tmp)
+        directory = fetch.download(model_uri, "model", tmp, MODEL_PREFIX)
         mlmodel = _read_mlmodel(key, directory)
         if card.flavor not in mlmodel.flavors:
             raise ModelLoadError(
@@ -397,8 +496,22 @@ def _load_native(fetch: _Fetcher, card: ModelCard, model_uri: str) -> LoadedMode
                 f"{sorted(mlmodel.flavors)}"
             )
         example = _input_example(key, mlmodel, directory, card.feature_names)
+        if card.flavor == "onnx":
+            onnx_path = _inside(key, directory, mlmodel.flavors["onnx"].get("data"))
+            scorer = _OnnxScorer(key, onnx_path.read_bytes(), card)
+            return _loaded(
+                fetch,
+                card,
+                "onnx",
+                input_example=example,
+                model_width=scorer.width,
+                scorer=scorer,
+                handles_missing=card.handles_missing,
+            )
         try:
-            estimator = _flavor_loader(card.flavor)(str(directory))
+            estimator = _load_estimator(key, card.flavor, mlmodel, directory, fetch.trusted_code)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # deserialisation errors come in every type
             raise ModelLoadError(
                 f"{key}: the {card.flavor} model cannot be loaded: {type(exc).__name__}: {exc}"
@@ -415,18 +528,115 @@ def _load_native(fetch: _Fetcher, card: ModelCard, model_uri: str) -> LoadedMode
     )
 
 
-def _flavor_loader(flavor: str) -> Callable[[str], Any]:
-    if flavor == "lightgbm":
-        import mlflow.lightgbm as mlflow_lightgbm
+TRUST_HINT = (
+    "an admin must mark the version as trusted code "
+    "(PUT /api/v1/models/{name}/versions/{version}/trust) for scorers to load it"
+)
 
-        return mlflow_lightgbm.load_model
+
+def _untrusted(fetch_key: str, what: str) -> ModelLoadError:
+    name, _, version = fetch_key.rpartition("/")
+    hint = TRUST_HINT.format(name=name, version=version)
+    return ModelLoadError(f"{fetch_key}: refused: {what}; {hint}")
+
+
+def _inside(key: str, directory: Path, relative: Any) -> Path:
+    """`directory / relative`, refusing a path (from the MLmodel file) that leaves it."""
+    if not isinstance(relative, str) or not relative:
+        raise ModelLoadError(f"{key}: the MLmodel file names no model file")
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()) or not path.is_file():
+        raise ModelLoadError(f"{key}: the model file {relative!r} is not in the model directory")
+    return path
+
+
+def _load_estimator(
+    key: str, flavor: str, mlmodel: Model, directory: Path, trusted_code: bool
+) -> Any:
+    """The estimator of a sklearn/lightgbm/xgboost MLflow model, read by Carrara (never by the
+    flavour's loader, which would follow the MLmodel file's format and trusted types)."""
+    conf: dict[str, Any] = dict(mlmodel.flavors[flavor])
     if flavor == "xgboost":
-        import mlflow.xgboost as mlflow_xgboost
+        model_class = str(conf.get("model_class", "xgboost.core.Booster"))
+        model_format = str(conf.get("model_format", ""))
+        if model_class not in XGBOOST_CLASSES:
+            raise ModelLoadError(f"{key}: unsupported XGBoost model class {model_class!r}")
+        if model_format not in XGBOOST_FORMATS:
+            raise ModelLoadError(
+                f"{key}: unsupported XGBoost model format {model_format!r} "
+                f"(supported: {', '.join(sorted(XGBOOST_FORMATS))})"
+            )
+        import xgboost as xgb
 
-        return mlflow_xgboost.load_model
-    import mlflow.sklearn as mlflow_sklearn
+        classes: dict[str, Callable[[], Any]] = {
+            "xgboost.sklearn.XGBClassifier": xgb.XGBClassifier,
+            "xgboost.sklearn.XGBRegressor": xgb.XGBRegressor,
+            "xgboost.core.Booster": xgb.Booster,
+        }
+        estimator = classes[model_class]()
+        estimator.load_model(str(_inside(key, directory, conf.get("data"))))
+        return estimator
+    if flavor == "lightgbm":
+        path = _inside(key, directory, conf.get("data"))
+        if conf.get("model_class", LIGHTGBM_BOOSTER) == LIGHTGBM_BOOSTER:
+            import lightgbm as lgb
 
-    return mlflow_sklearn.load_model
+            return lgb.Booster(model_file=str(path))  # LightGBM's text format
+        return _load_serialized(key, path, str(conf.get("serialization_format")), trusted_code)
+    path = _inside(key, directory, conf.get("pickled_model"))
+    return _load_serialized(
+        key, path, str(conf.get("serialization_format", "pickle")), trusted_code
+    )
+
+
+def _load_serialized(key: str, path: Path, serialization: str, trusted_code: bool) -> Any:
+    """A skops file with Carrara's allow-list; pickle/cloudpickle only when trusted."""
+    if serialization == "skops":
+        import skops.io
+
+        types = skops.io.get_untrusted_types(file=path)
+        refused = refused_skops_types(types)
+        if refused and not trusted_code:
+            raise _untrusted(
+                key,
+                f"the skops file holds types outside Carrara's allow-list "
+                f"({', '.join(refused[:10])})",
+            )
+        allowed = types if trusted_code else sorted(SKOPS_ALLOWED_TYPES & set(types))
+        return skops.io.load(path, trusted=allowed)
+    if serialization in ("pickle", "cloudpickle"):
+        if not trusted_code:
+            raise _untrusted(key, f"the model is a {serialization} file, which runs code when read")
+        log.warning("loading trusted code", model=key, serialization=serialization)
+        with path.open("rb") as handle:
+            if serialization == "cloudpickle":
+                import cloudpickle
+
+                return cloudpickle.load(handle)
+            import pickle
+
+            return pickle.load(handle)  # noqa: S301 - an admin marked the version trusted
+    raise ModelLoadError(f"{key}: unsupported serialization format {serialization!r}")
+
+
+_PICKLE_FLAG = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+_pickle_flag_lock = threading.Lock()
+
+
+def _load_pyfunc_trusted(directory: Path) -> Any:
+    """MLflow pyfunc with pickle deserialisation allowed for this one (trusted) load."""
+    import mlflow.pyfunc
+
+    with _pickle_flag_lock:
+        previous = os.environ.get(_PICKLE_FLAG)
+        os.environ[_PICKLE_FLAG] = "true"
+        try:
+            return mlflow.pyfunc.load_model(str(directory))
+        finally:
+            if previous is None:
+                os.environ.pop(_PICKLE_FLAG, None)
+            else:
+                os.environ[_PICKLE_FLAG] = previous
 
 
 def _native_scorer(key: str, estimator: Any, card: ModelCard) -> Callable[[np.ndarray], np.ndarray]:
@@ -455,12 +665,16 @@ def _native_scorer(key: str, estimator: Any, card: ModelCard) -> Callable[[np.nd
 def _load_pyfunc(fetch: _Fetcher, model_uri: str) -> LoadedModel:
     """A version registered without a Carrara card, served by MLflow pyfunc on whole batches."""
     key = fetch.key
-    import mlflow.pyfunc
-
+    if not fetch.trusted_code:
+        raise _untrusted(
+            key,
+            "a model without a Carrara model card is served through MLflow pyfunc, which may "
+            "run code bundled with it",
+        )
     # Kept while the model lives: a pyfunc model may read its files at predict time.
     directory_root = tempfile.mkdtemp(prefix="carrara-pyfunc-")
     try:
-        directory = fetch.download(model_uri, "model", directory_root)
+        directory = fetch.download(model_uri, "model", directory_root, MODEL_PREFIX)
         mlmodel = _read_mlmodel(key, directory)
         if "python_function" not in mlmodel.flavors:
             raise ModelLoadError(
@@ -470,7 +684,7 @@ def _load_pyfunc(fetch: _Fetcher, model_uri: str) -> LoadedModel:
         names, casts = _pyfunc_columns(key, mlmodel, directory)
         example = _input_example(key, mlmodel, directory, names)
         try:
-            pyfunc_model = mlflow.pyfunc.load_model(str(directory))
+            pyfunc_model = _load_pyfunc_trusted(directory)
         except Exception as exc:
             raise ModelLoadError(
                 f"{key}: the pyfunc model cannot be loaded: {type(exc).__name__}: {exc}"
@@ -569,7 +783,7 @@ def validate(model: LoadedModel) -> None:
                 f"model takes {width} features"
             )
         rows.append(model.input_example)
-    if model.feature_spec is not None:
+    if model.feature_spec is not None and model.handles_missing:
         # Carrara models handle missing values by design and live events will have them.
         rows.append(np.full((1, width), np.nan))
     if not rows:
@@ -634,22 +848,46 @@ class ModelCache:
         # load, while different versions load in parallel.
         self._loading: dict[tuple[str, int], threading.Lock] = {}
 
-    def get(self, name: str, version: int) -> LoadedModel:
-        """The version, loaded and validated on first use; raises ModelLoad/ValidationError."""
+    def get(
+        self,
+        name: str,
+        version: int,
+        *,
+        digests: dict[str, str] | None = None,
+        trusted_code: bool = False,
+    ) -> LoadedModel:
+        """The version, loaded and validated on first use; raises ModelLoad/ValidationError.
+
+        A cached model is reused only for the same expectations (pinned `digests`, trust);
+        otherwise the version is loaded (and verified) again and replaces it.
+        """
         key = (name, _version_number(name, version))
+
+        def fits(model: LoadedModel | None) -> bool:
+            return (
+                model is not None
+                and model.digests == digests
+                and model.trusted_code == trusted_code
+            )
+
         with self._lock:
             model = self._models.get(key)
-            if model is not None:
+            if model is not None and fits(model):
                 return model
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             with self._lock:
                 model = self._models.get(key)
-            if model is not None:
+            if model is not None and fits(model):
                 return model
             # A failure is not cached: the next get retries (the server may have been down).
             model = load_model_version(
-                self.tracking_uri, name, key[1], prefer_onnx=self.prefer_onnx
+                self.tracking_uri,
+                name,
+                key[1],
+                prefer_onnx=self.prefer_onnx,
+                digests=digests,
+                trusted_code=trusted_code,
             )
             validate(model)
             with self._lock:

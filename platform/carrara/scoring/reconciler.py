@@ -237,11 +237,17 @@ class Reconciler:
         models: dict[str, Any] = {}
         specs: dict[str, FeatureSpec] = {}
         for variant in spec.variants:
-            model = self.cache.get(variant.model_name, variant.model_version)
+            # The spec pins the files' digests and says whether the version may run code.
+            model = self.cache.get(
+                variant.model_name,
+                variant.model_version,
+                digests=variant.artifact_digests,
+                trusted_code=variant.trusted_code,
+            )
             if model.feature_spec is None:
                 raise ValueError(
                     f"{variant.model_name}/{variant.model_version} has no Carrara feature spec; "
-                    "only models trained by Carrara can score events"
+                    "only models trained by or uploaded to Carrara can score events"
                 )
             models[variant.name] = model
             specs[variant.name] = FeatureSpec.from_dict(model.feature_spec)

@@ -33,6 +33,13 @@ class VariantSpec(msgspec.Struct, frozen=True, kw_only=True):
     shadow: bool = False
     # Share of the events a shadow variant scores (None: all of them).
     shadow_sample_pct: Percent | None = None
+    # SHA-256 of every file of the model version a scorer may load, pinned when the version was
+    # registered (keys and format: carrara.artifacts). A scorer refuses files that differ. None
+    # for versions registered before digests existed.
+    artifact_digests: dict[str, str] | None = None
+    # An admin marked the version as trusted code: the scorer may load it from formats that
+    # execute code (pickle, cloudpickle, pyfunc). Only ever learnt from this spec.
+    trusted_code: bool = False
 
 
 class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -154,6 +154,7 @@ def finish_run(sessions: sessionmaker[Session], job: Job, worker: str, outcome: 
             run.id,
             outcome.source,
             outcome.metrics,
+            artifact_digests=outcome.artifact_digests,
         )
         version.feature_profile = service._json_safe(outcome.feature_profile)
         session.flush()

@@ -6,7 +6,8 @@ offsets), the snapshot as an MLflow dataset input, evaluation plots and feature 
 native model with signature and input example, `carrara_model.json` (features, task, classes,
 threshold: what a scorer needs to encode events and read scores), and an ONNX artifact when the
 parity check passed. The native model is registered as a new version of the run's registered model;
-version tags point to the ONNX artifact so scorers can prefer it.
+version tags point to the ONNX artifact so scorers can prefer it, and the SHA-256 of every file a
+scorer may load is pinned right after (carrara.artifacts), to be stored with the version.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from mlflow.data import numpy_dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.models import infer_signature
 
+from carrara.artifacts import SKOPS_ALLOWED_TYPES, refused_skops_types
+from carrara.registry.mlflow_sync import pin_version
 from carrara.training.onnx_export import OnnxExport
 from carrara.training.trainers import TrainedModel
 
@@ -43,10 +46,9 @@ PIP_REQUIREMENTS = {
     "lightgbm": ["lightgbm", "scikit-learn", "numpy"],
     "xgboost": ["xgboost-cpu", "scikit-learn", "numpy"],
 }
-# skops refuses to load types it does not know; we trust exactly these module prefixes and refuse
-# (rather than silently pickling) anything else.
-TRUSTED_TYPE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "lightgbm.", "xgboost.", "builtins.")
-TRUSTED_TYPES = {"collections.OrderedDict", "collections.defaultdict"}
+# skops refuses to load types it does not know. The types a model may hold beyond skops' own
+# defaults are Carrara's fixed allow-list (carrara.artifacts), the very list scorers load with:
+# a model with any other type is refused here, at training, rather than at deployment.
 
 
 class KafkaSnapshotSource(DatasetSource):
@@ -80,7 +82,7 @@ class KafkaSnapshotSource(DatasetSource):
 
 
 class UntrustedModelTypes(RuntimeError):
-    """The model contains types outside TRUSTED_TYPE_PREFIXES; it is not logged."""
+    """The model contains types outside carrara.artifacts.SKOPS_ALLOWED_TYPES; it is not logged."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class LoggedModel:
     version: int
     source: str
     onnx: bool
+    # SHA-256 of every file a scorer may load, pinned right after registration.
+    artifact_digests: dict[str, str] | None = None
 
 
 def experiment_name(dataset: str) -> str:
@@ -124,15 +128,16 @@ def lineage_tags(lineage: Lineage) -> dict[str, str]:
 
 
 def trusted_skops_types(model: Any) -> list[str]:
-    """The skops types of `model`, all of which must come from a trusted library."""
+    """The skops types of `model` beyond skops' defaults; all must be in Carrara's allow-list."""
     import skops.io
 
     untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    refused = [
-        t for t in untrusted if not t.startswith(TRUSTED_TYPE_PREFIXES) and t not in TRUSTED_TYPES
-    ]
+    refused = refused_skops_types(untrusted)
     if refused:
-        raise UntrustedModelTypes(f"refusing to serialise unknown types: {', '.join(refused)}")
+        raise UntrustedModelTypes(
+            f"refusing to serialise types scorers would not load: {', '.join(refused)} "
+            f"(allowed: {', '.join(sorted(SKOPS_ALLOWED_TYPES))})"
+        )
     return list(untrusted)
 
 
@@ -298,6 +303,7 @@ def log_and_register(
     MlflowClient(tracking_uri).set_model_version_tag(
         registered_model_name, version.version, "carrara.algorithm", algorithm
     )
+    digests = pin_version(tracking_uri, registered_model_name, int(version.version))
     return LoggedModel(
         mlflow_run_id=run_id,
         run_url=run_url(tracking_uri, experiment.experiment_id, run_id),
@@ -305,6 +311,7 @@ def log_and_register(
         version=int(version.version),
         source=info.model_uri,
         onnx=onnx.model_bytes is not None,
+        artifact_digests=digests,
     )
 
 

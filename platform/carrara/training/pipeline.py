@@ -55,6 +55,7 @@ class Outcome:
     source: str
     events_read: int
     feature_profile: dict[str, Any] | None = None
+    artifact_digests: dict[str, str] | None = None
 
 
 def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
@@ -144,6 +145,7 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
         source=logged.source,
         events_read=job.event_count,
         feature_profile=feature_profile,
+        artifact_digests=logged.artifact_digests,
     )
 
 
