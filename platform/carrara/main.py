@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI
 from carrara import __version__
 from carrara.audit.router import router as audit_router
 from carrara.auth.router import router as tokens_router
+from carrara.body_limit import BodyLimitMiddleware, RouteLimit
 from carrara.datasets.router import router as datasets_router
 from carrara.deployments.router import router as deployments_router
 from carrara.deployments.router import scorers_router
@@ -21,6 +22,7 @@ from carrara.logging_setup import configure_logging
 from carrara.monitoring.router import alerts_router
 from carrara.monitoring.router import router as monitoring_router
 from carrara.registry.router import router as models_router
+from carrara.secret_keys import deployment_signing_keys, session_secret
 from carrara.settings import Settings, get_settings
 from carrara.streams.topics import TopicAdmin
 from carrara.training.router import router as runs_router
@@ -85,9 +87,20 @@ async def ensure_alerts_topic(settings: Settings) -> None:
         log.warning("cannot ensure the alerts topic", topic=settings.alerts_topic, error=str(exc))
 
 
+def body_limit_routes(settings: Settings) -> list[RouteLimit]:
+    """Routes allowed a larger body than `CARRARA_MAX_BODY_BYTES` (e.g. a model upload):
+    `RouteLimit("POST", re.compile(r"/api/v1/models/[^/]+/versions"), n_bytes)`."""
+    return []
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    # The secrets the API uses, and only those: refused at start when weak (README: Security).
+    settings.check_secrets(session_key=True, database=True)
+    session_key = session_secret(settings)
+    signing_keys = deployment_signing_keys(settings)
+    signing = (settings.deployments_topic, signing_keys[0]) if signing_keys else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -107,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sessions = sessionmaker(bind=engine_for(settings.database_url))
             reap_every = max(1.0, settings.run_heartbeat_timeout_s / 4)
             relay = BackgroundRelay(
-                OutboxRelay(settings.kafka_bootstrap),
+                OutboxRelay(settings.kafka_bootstrap, signing=signing),
                 sessions,
                 periodic=[(reap_every, lambda session: reap_lost_runs(session, settings))],
                 stall_after_s=settings.stall_timeout_s,
@@ -144,7 +157,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(build_api_router())
-    install_ui(app, settings.secret_key)
+    install_ui(app, session_key)
+    # Outermost: a body over the limit gets 413 before any middleware or route reads it.
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, routes=body_limit_routes(settings)
+    )
     return app
 
 

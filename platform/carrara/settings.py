@@ -35,7 +35,11 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = "development"
     log_level: str = "INFO"
     log_json: bool = False
-    secret_key: str = DEV_SECRET_KEY
+    # Signs the UI's session cookies (the API only). Unset: the API generates a random key on its
+    # first start and keeps it in `<home>/secret-key` (mode 0600); production needs it given,
+    # here or in a file. Never shown in a repr.
+    secret_key: str = Field(default="", repr=False)
+    secret_key_file: Path | None = None
 
     # Where the local stack keeps data, logs and PID files (git-ignored).
     home: Path = Field(default_factory=lambda: Path.cwd() / ".carrara")
@@ -99,6 +103,28 @@ class Settings(BaseSettings):
     # Deadline of one blocking Kafka client call (commit, flush, send offsets, close); a call past
     # it means the client is rebuilt (librdkafka can ignore its own timeouts during an outage).
     kafka_call_timeout_s: float = Field(default=30.0, ge=1.0, le=600.0)
+
+    # --- guards and limits (README: Security) ---
+    # HMAC-SHA256 key of deployment records: the API signs what it publishes to the deployments
+    # topic, scorers refuse records that do not verify. Unset: records are not signed, and scorers
+    # only check that a record's key is its deployment's name. The previous key keeps verifying
+    # during a rotation.
+    deployment_signing_key: str = Field(default="", repr=False)
+    deployment_signing_key_file: Path | None = None
+    deployment_signing_previous_key: str = Field(default="", repr=False)
+    # Request bodies larger than this get 413 before any parsing (routes may allow more).
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Topics deployments and datasets may use, as comma-separated prefixes (empty: any topic
+    # that is not reserved: `carrara.*`, `__*`); per pool: `{"fraud": "fraud.,payments."}`.
+    allowed_topic_prefixes: str = ""
+    pool_topic_prefixes: dict[str, str] = Field(default_factory=dict)
+    # Topic creation through the API: partitions per topic, topics per request.
+    max_topic_partitions: int = Field(default=100, ge=1, le=10_000)
+    max_topics_per_request: int = Field(default=4, ge=1, le=100)
+    # /readyz answers from a cache this fresh, so probing it cannot load the dependencies.
+    readyz_cache_s: float = Field(default=5.0, ge=0.0, le=300.0)
+    # Address of the scorer's and the monitor's /metrics, /healthz, /readyz server.
+    probes_host: str = "0.0.0.0"
 
     # Kafka security, applied to every Kafka client of every process by
     # `carrara.streams.client_config` (one identity per process: give each its own environment).
@@ -187,18 +213,27 @@ class Settings(BaseSettings):
             raise ValueError("Kafka security settings: " + "; ".join(problems))
         return self
 
-    @model_validator(mode="after")
-    def _refuse_unsafe_production_defaults(self) -> Settings:
+    def check_secrets(self, *, session_key: bool = False, database: bool = False) -> None:
+        """Refuse, in production, the development secrets this process uses (and only those).
+
+        The API uses both; workers and the monitor the database; scorers neither. ValueError
+        names the settings (never their values). `carrara.secret_keys.session_secret` checks the
+        session key itself, wherever it comes from.
+        """
         if self.environment != "production":
-            return self
+            return
         unsafe = []
-        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
-            unsafe.append("CARRARA_SECRET_KEY (set a random value of at least 32 characters)")
-        if DEV_DB_PASSWORD in self.database_url:
+        if session_key and not (self.secret_key or self.secret_key_file):
+            unsafe.append("CARRARA_SECRET_KEY or CARRARA_SECRET_KEY_FILE (a random value)")
+        if database and DEV_DB_PASSWORD in self.database_url:
             unsafe.append("CARRARA_DATABASE_URL (uses the local-stack password)")
         if unsafe:
             raise ValueError("unsafe settings for production: " + "; ".join(unsafe))
-        return self
+
+    def topic_prefixes(self, pool: str | None = None) -> tuple[str, ...]:
+        """The prefixes topics of `pool` must start with (empty: any topic not reserved)."""
+        raw = self.pool_topic_prefixes.get(pool or "", self.allowed_topic_prefixes)
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
 
     @property
     def mlflow_database_url(self) -> str:

@@ -152,6 +152,8 @@ class ScorerService(Service):
                 str(self.port),
             ],
             cwd=project_root(),
+            # Probes on the stack's address only (containers keep the 0.0.0.0 default).
+            env={"CARRARA_PROBES_HOST": self.settings.host},
             stop_timeout=60.0,
         )
 
@@ -186,6 +188,7 @@ class MonitorService(Service):
         return LaunchSpec(
             argv=[_script("carrara-monitor"), "--metrics-port", str(self.port)],
             cwd=project_root(),
+            env={"CARRARA_PROBES_HOST": self.settings.host},
         )
 
     def healthy(self) -> bool:

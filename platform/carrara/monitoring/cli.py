@@ -24,6 +24,7 @@ def main(
     """Monitor every running deployment until SIGTERM/SIGINT (scale out: run several)."""
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
+    settings.check_secrets(database=True)  # the monitor uses the database, not the session key
     from sqlalchemy.orm import sessionmaker
 
     from carrara.db import engine_for
@@ -44,6 +45,7 @@ def main(
         metrics_port if metrics_port is not None else settings.monitor_metrics_port,
         healthy=monitor.healthy,
         readiness=monitor.healthy,
+        host=settings.probes_host,
     )
     log.info("monitor starting", metrics_port=server.server_address[1])
     monitor.run()

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from carrara.models import OutboxMessage
 from carrara.streams.client_config import producer_config
+from carrara.streams.record_signing import SIGNATURE_HEADER, sign
 from carrara.streams.resilience import Backoff, LoopHealth
 
 log = structlog.get_logger(__name__)
@@ -60,8 +61,12 @@ class OutboxRelay:
         kafka_bootstrap: str,
         send_task: TaskSender = celery_sender,
         delivery_timeout_ms: int = 10_000,
+        signing: tuple[str, bytes] | None = None,
     ) -> None:
         self._bootstrap = kafka_bootstrap
+        # (topic, key): records produced to that topic (the deployments topic) are signed over
+        # the exact bytes sent (carrara.streams.record_signing), so scorers can verify them.
+        self._signing = signing
         self._delivery_timeout_ms = delivery_timeout_ms
         self._fatal: str | None = None
         self._producer = self._new_producer()
@@ -147,12 +152,17 @@ class OutboxRelay:
                 errors[row.id] = str(err)
 
         value = None if row.payload is None else orjson.dumps(row.payload)
+        headers: list[tuple[str, str | bytes | None]] = [
+            (k, v) for k, v in row.headers.items() if k != SIGNATURE_HEADER
+        ]
+        if self._signing is not None and row.destination == self._signing[0] and value is not None:
+            headers.append((SIGNATURE_HEADER, sign(self._signing[1], row.key or "", value)))
         try:
             self._producer.produce(
                 row.destination,
                 key=row.key,
                 value=value,
-                headers=list(row.headers.items()),
+                headers=headers,
                 on_delivery=on_delivery,
             )
         except (BufferError, KafkaException) as exc:

@@ -37,6 +37,11 @@ CONSUMER_LAG = Gauge(
     ["deployment", "partition"],
 )
 REVISION = Gauge("carrara_scorer_revision", "Deployment revision being served", ["deployment"])
+REJECTED_RECORDS = Counter(
+    "carrara_scorer_rejected_records_total",
+    "Deployment records refused (key is not the deployment name, unsigned, bad signature)",
+    ["reason"],
+)
 LAST_BATCH_AGE = Gauge(
     "carrara_scorer_last_batch_age_seconds",
     "Seconds since the deployment's loop last committed a batch or confirmed it had nothing to do",

@@ -25,11 +25,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 from carrara.scoring import metrics
 from carrara.scoring.batch import build_state
 from carrara.scoring.runner import DeploymentRunner, dead_letter_topic
+from carrara.secret_keys import deployment_signing_keys
 from carrara.settings import Settings
 from carrara.streams.client_config import connection_config, producer_config
 from carrara.streams.consumed import position
 from carrara.streams.deployment_spec import DeploymentSpec, decode_spec
 from carrara.streams.event_codec import FeatureSpec
+from carrara.streams.record_signing import header_value, record_problem
 from carrara.streams.resilience import Backoff
 from carrara.streams.scorer_status import (
     DeploymentStatus,
@@ -68,6 +70,10 @@ class Reconciler:
         self._status_topic = settings.scorer_status_topic
         # The reconciler loop's own heartbeat: a loop stuck in a call is a dead scorer.
         self._beat = time.monotonic()
+        # Records are accepted only if keyed by their deployment's name and, with signing keys
+        # configured, signed by the control plane (`_accept`).
+        self._signing_keys = deployment_signing_keys(settings)
+        self._refused: dict[str, str] = {}  # deployment -> why its latest record was refused
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -159,7 +165,7 @@ class Reconciler:
                 for message in consumer.consume(500, timeout=0.5):
                     if message.error() is not None:
                         continue
-                    spec = _decode(message.value())
+                    spec = self._accept(message)
                     if spec is not None:
                         latest[spec.name] = spec
                     _, partition, offset = position(message)
@@ -167,21 +173,61 @@ class Reconciler:
                         pending.discard(partition)
             for spec in latest.values():
                 self.apply(spec)
+            self._report_refused()
             self.caught_up.set()
             self._publish_status()
             while not self.stop_event.is_set():
                 self._beat = time.monotonic()
                 for message in consumer.consume(100, timeout=0.5):
                     if message.error() is None:
-                        spec = _decode(message.value())
+                        spec = self._accept(message)
                         if spec is not None:
                             self.apply(spec)
-                            self._publish_status()
+                        self._report_refused()
+                        self._publish_status()
                 self._check_runners()
                 if time.monotonic() - self._last_status > self.settings.scorer_status_interval_s:
                     self._publish_status()
         finally:
             consumer.close()
+
+    # --- accepting a record -------------------------------------------------------------------
+
+    def _accept(self, message: Any) -> DeploymentSpec | None:
+        """The record's spec, or None: malformed, or refused (not keyed by its deployment's name,
+        unsigned or mis-signed while signing keys are configured). A refusal is logged, counted
+        (`carrara_scorer_rejected_records_total`) and shown as the deployment's `last_error`;
+        whatever was accepted before keeps serving."""
+        raw = message.value()
+        spec = _decode(raw)
+        if spec is None:
+            return None
+        problem = record_problem(
+            self._signing_keys,
+            message.key(),
+            raw,
+            header_value(message.headers()),
+            spec.name,
+        )
+        if problem is None:
+            self._refused.pop(spec.name, None)
+            return spec
+        reason = "key" if problem.startswith("record key") else "signature"
+        metrics.REJECTED_RECORDS.labels(reason).inc()
+        log.error(
+            "deployment record refused",
+            deployment=spec.name,
+            revision=spec.revision,
+            problem=problem,
+        )
+        self._refused[spec.name] = f"refused revision {spec.revision}: {problem}"[:1000]
+        return None
+
+    def _report_refused(self) -> None:
+        for name, problem in self._refused.items():
+            tracked = self.tracked.get(name)
+            if tracked is not None:
+                tracked.last_error = problem
 
     # --- applying a revision -------------------------------------------------------------------
 

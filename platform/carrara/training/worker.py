@@ -14,6 +14,7 @@ from celery import Celery
 from carrara.settings import get_settings
 
 settings = get_settings()
+settings.check_secrets(database=True)  # workers use the database, not the session key
 
 app = Celery(
     "carrara",
