@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -90,7 +91,12 @@ async def ensure_alerts_topic(settings: Settings) -> None:
 def body_limit_routes(settings: Settings) -> list[RouteLimit]:
     """Routes allowed a larger body than `CARRARA_MAX_BODY_BYTES` (e.g. a model upload):
     `RouteLimit("POST", re.compile(r"/api/v1/models/[^/]+/versions"), n_bytes)`."""
-    return []
+    # ONNX model uploads (API and UI form): the model plus a small multipart envelope.
+    upload = settings.max_model_upload_bytes + 64 * 1024
+    return [
+        RouteLimit("POST", re.compile(r"/api/v1/models/[^/]+/versions"), upload),
+        RouteLimit("POST", re.compile(r"/ui/models/[^/]+/upload"), upload),
+    ]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

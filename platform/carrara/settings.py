@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     deployment_signing_previous_key: str = Field(default="", repr=False)
     # Request bodies larger than this get 413 before any parsing (routes may allow more).
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The size limit of an ONNX model upload (`POST /api/v1/models/{name}/versions`, multipart).
+    max_model_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     # Topics deployments and datasets may use, as comma-separated prefixes (empty: any topic
     # that is not reserved: `carrara.*`, `__*`); per pool: `{"fraud": "fraud.,payments."}`.
     allowed_topic_prefixes: str = ""

@@ -69,6 +69,10 @@ def _translated(what: str) -> Iterator[None]:
         raise Unavailable(f"MLflow is unreachable ({what}): {exc}") from exc
 
 
+# For other modules' MLflow calls: MLflow failures as NotFound, Invalid or Unavailable.
+translated = _translated
+
+
 def _call(what: str, fn: Callable[[], T]) -> T:
     with _translated(what):
         return fn()

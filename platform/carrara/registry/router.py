@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from carrara.deps import (
     Admin,
@@ -17,13 +21,15 @@ from carrara.deps import (
     VersionNumber,
     Viewer,
 )
+from carrara.errors import Invalid
 from carrara.pagination import Page
-from carrara.registry import service, views
+from carrara.registry import service, upload, views
 from carrara.registry.mlflow_sync import registry_client
 from carrara.registry.schemas import (
     AliasOut,
     ModelOut,
     ModelSummary,
+    OnnxDeclaration,
     SyncOut,
     TrustIn,
     VersionOut,
@@ -60,18 +66,110 @@ def get_version(
     return views.version_detail(session, name, version)
 
 
-@router.post("/{name}/versions", response_model=VersionOut, status_code=status.HTTP_201_CREATED)
-def import_version(
+_UPLOAD_FORM = {
+    "type": "object",
+    "required": ["file", "declaration"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "The .onnx file"},
+        "declaration": {
+            "type": "string",
+            "description": "JSON of an OnnxDeclaration: dataset, features (the input "
+            "tensor's columns, in order), output (probability | class_scores | regression | "
+            "anomaly_score), classes, threshold, input_name, output_name",
+        },
+    },
+}
+_IMPORT_OR_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/VersionRef"}},
+            "multipart/form-data": {"schema": _UPLOAD_FORM},
+        },
+    }
+}
+
+
+def _invalid_body(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> Exception:
+    return RequestValidationError(
+        [{**e, "loc": (*prefix, *e.get("loc", ()))} for e in exc.errors(include_url=False)]
+    )
+
+
+async def _read_upload(request: Request, max_bytes: int) -> tuple[bytes, OnnxDeclaration]:
+    """The uploaded file and its declaration from a multipart body (422 naming what is wrong)."""
+    async with request.form(max_files=1, max_fields=5, max_part_size=64 * 1024) as form:
+        upload = form.get("file")
+        raw = form.get("declaration")
+        if not isinstance(upload, StarletteUploadFile):
+            raise RequestValidationError(
+                [{"loc": ("body", "file"), "msg": "the .onnx file is required", "type": "missing"}]
+            )
+        if not isinstance(raw, str):
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("body", "declaration"),
+                        "msg": "the declaration (JSON) is required",
+                        "type": "missing",
+                    }
+                ]
+            )
+        data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise Invalid(f"the model is larger than the upload limit of {max_bytes} bytes")
+    try:
+        declaration = OnnxDeclaration.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid_body(exc, ("body", "declaration")) from exc
+    return data, declaration
+
+
+@router.post(
+    "/{name}/versions",
+    response_model=VersionOut,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_IMPORT_OR_UPLOAD,
+)
+async def import_version(
     name: ModelName,
-    body: VersionRef,
+    request: Request,
     session: SessionDep,
     principal: Editor,
     settings: SettingsDep,
 ) -> VersionOut:
-    """Import an existing MLflow registry version (a model trained outside Carrara)."""
-    client = registry_client(settings.mlflow_url)
-    row = service.import_version(session, client, name, body.version, principal)
-    return views.version_detail(session, name, row.version)
+    """Add a version: import an existing MLflow registry version (JSON `{"version": n}`), or
+    upload an `.onnx` model (multipart: `file` + `declaration`), checked against the dataset's
+    recent events and registered in MLflow; up to `CARRARA_MAX_MODEL_UPLOAD_BYTES`."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        data, declaration = await _read_upload(request, settings.max_model_upload_bytes)
+
+        def add_upload() -> VersionOut:
+            row = upload.upload_onnx(
+                session,
+                tracking_uri=settings.mlflow_url,
+                kafka_bootstrap=settings.kafka_bootstrap,
+                name=name,
+                model_bytes=data,
+                declaration=declaration,
+                actor=principal,
+                max_bytes=settings.max_model_upload_bytes,
+            )
+            return views.version_detail(session, name, row.version)
+
+        return await run_in_threadpool(add_upload)
+    try:
+        body = VersionRef.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise _invalid_body(exc) from exc
+
+    def add_import() -> VersionOut:
+        client = registry_client(settings.mlflow_url)
+        row = service.import_version(session, client, name, body.version, principal)
+        return views.version_detail(session, name, row.version)
+
+    return await run_in_threadpool(add_import)
 
 
 @router.put("/{name}/versions/{version}/trust", response_model=VersionOut)

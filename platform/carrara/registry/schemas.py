@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # MLflow allows more than slugs in model names; Carrara accepts the URL-safe subset.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -29,6 +29,58 @@ class TrustIn(BaseModel):
 
     trusted_code: bool
     reason: str = Field(default="", max_length=500, description="Why (kept in the audit log)")
+
+
+OnnxOutput = Literal["probability", "class_scores", "regression", "anomaly_score"]
+Label = str | int | bool
+
+
+class OnnxDeclaration(BaseModel):
+    """What an uploaded ONNX model takes and gives: its input columns are dataset features."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    dataset: str = Field(
+        min_length=1, max_length=100, description="The dataset whose events it scores"
+    )
+    features: list[str] = Field(
+        min_length=1,
+        max_length=2000,
+        description="Numeric features of the dataset, in the order of the input tensor's columns",
+    )
+    output: OnnxOutput = Field(
+        description="probability (of the positive class), class_scores (a probability per "
+        "class), regression (a value) or anomaly_score (alert above threshold)"
+    )
+    classes: list[Label] | None = Field(
+        default=None,
+        max_length=1000,
+        description="class_scores: the label of each column; probability: [negative, positive] "
+        "(default [0, 1])",
+    )
+    threshold: float | None = Field(default=None, description="anomaly_score: alert above it")
+    input_name: str | None = Field(
+        default=None, max_length=200, description="The input tensor (default: the only one)"
+    )
+    output_name: str | None = Field(
+        default=None, max_length=200, description="The output tensor to score with"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnnxDeclaration:
+        if len(set(self.features)) != len(self.features):
+            raise ValueError("features must not repeat")
+        if self.output == "anomaly_score" and self.threshold is None:
+            raise ValueError("an anomaly_score output needs a threshold")
+        if self.output != "anomaly_score" and self.threshold is not None:
+            raise ValueError("threshold is only for an anomaly_score output")
+        if self.output == "class_scores" and (not self.classes or len(self.classes) < 3):
+            raise ValueError("class_scores needs the label of each column in classes (3 or more)")
+        if self.output == "probability" and self.classes is not None and len(self.classes) != 2:
+            raise ValueError("a probability output takes classes [negative, positive]")
+        if self.output in ("regression", "anomaly_score") and self.classes is not None:
+            raise ValueError(f"classes are not for a {self.output} output")
+        return self
 
 
 class DatasetLineage(BaseModel):
