@@ -232,11 +232,6 @@ class Settings(BaseSettings):
         if unsafe:
             raise ValueError("unsafe settings for production: " + "; ".join(unsafe))
 
-    def topic_prefixes(self, pool: str | None = None) -> tuple[str, ...]:
-        """The prefixes topics of `pool` must start with (empty: any topic not reserved)."""
-        raw = self.pool_topic_prefixes.get(pool or "", self.allowed_topic_prefixes)
-        return tuple(p.strip() for p in raw.split(",") if p.strip())
-
     @property
     def mlflow_database_url(self) -> str:
         """Backend store of the local MLflow server (its own database in the stack's Postgres)."""

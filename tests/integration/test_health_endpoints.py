@@ -41,8 +41,10 @@ def test_healthz_reports_the_background_loops_and_fails_when_one_is_wedged(
     assert client.get("/healthz").status_code == 200
 
 
-def test_readyz_is_200_when_every_dependency_answers(client: TestClient) -> None:
-    response = client.get("/readyz")
+def test_readyz_is_200_when_every_dependency_answers(
+    client: TestClient, viewer_headers: dict[str, str]
+) -> None:
+    response = client.get("/readyz", headers=viewer_headers)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["failing"] == []
@@ -50,13 +52,42 @@ def test_readyz_is_200_when_every_dependency_answers(client: TestClient) -> None
 
 
 def test_readyz_is_503_and_names_the_unreachable_dependency(
-    client: TestClient, test_settings: Settings
+    client: TestClient, test_settings: Settings, viewer_headers: dict[str, str]
 ) -> None:
     broken = test_settings.model_copy(
         update={"redis_url": "redis://127.0.0.1:1/0", "mlflow_url": "http://127.0.0.1:1"}
     )
     client.app.dependency_overrides[get_settings] = lambda: broken  # type: ignore[attr-defined]
-    response = client.get("/readyz")
+    response = client.get("/readyz", headers=viewer_headers)
     assert response.status_code == 503
     assert response.json()["failing"] == ["redis", "mlflow"]
     assert "Connection" in response.json()["checks"]["redis"]["detail"]
+
+
+def test_readyz_shows_details_only_with_a_valid_token(
+    client: TestClient, test_settings: Settings, viewer_headers: dict[str, str]
+) -> None:
+    broken = test_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    client.app.dependency_overrides[get_settings] = lambda: broken  # type: ignore[attr-defined]
+    for headers in ({}, {"Authorization": "Bearer crr_not-a-token"}):
+        response = client.get("/readyz", headers=headers)
+        assert response.status_code == 503
+        assert response.json() == {"status": "not ready", "failing": ["redis"]}
+    assert (
+        "Connection"
+        in client.get("/readyz", headers=viewer_headers).json()["checks"]["redis"]["detail"]
+    )
+
+
+def test_readyz_answers_from_a_cache(
+    client: TestClient, test_settings: Settings, viewer_headers: dict[str, str]
+) -> None:
+    settings = test_settings.model_copy(update={"readyz_cache_s": 60.0})
+    client.app.dependency_overrides[get_settings] = lambda: settings  # type: ignore[attr-defined]
+    first = client.get("/readyz", headers=viewer_headers).json()
+    started = time.monotonic()
+    for _ in range(20):
+        again = client.get("/readyz", headers=viewer_headers).json()
+    assert time.monotonic() - started < 2  # twenty answers without probing anything again
+    assert again["checks"] == first["checks"]
+    assert again["age_s"] >= first["age_s"]

@@ -26,6 +26,7 @@ from carrara.deps import (
     Viewer,
 )
 from carrara.pagination import Page
+from carrara.topic_policy import TopicPolicy
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -35,7 +36,9 @@ def create_dataset(
     body: DatasetCreate, session: SessionDep, principal: Editor, settings: SettingsDep
 ) -> DatasetCreated:
     """Register a dataset; recent events of its topic must match the schema (422 names fields)."""
-    created = service.create_dataset(session, settings.kafka_bootstrap, body, principal)
+    created = service.create_dataset(
+        session, settings.kafka_bootstrap, body, principal, TopicPolicy.from_settings(settings)
+    )
     return DatasetCreated(
         **DatasetOut.model_validate(created.dataset).model_dump(),
         topic_created=created.topic_created,

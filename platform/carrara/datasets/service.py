@@ -26,6 +26,7 @@ from carrara.streams.snapshot import (
     snapshot_offsets,
 )
 from carrara.streams.topics import TopicAdmin
+from carrara.topic_policy import TopicPolicy
 
 # How long a request waits on Kafka before answering 503.
 KAFKA_TIMEOUT = 5.0
@@ -94,9 +95,21 @@ def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
 
 
 def create_dataset(
-    session: Session, bootstrap: str, data: DatasetCreate, principal: Principal
+    session: Session,
+    bootstrap: str,
+    data: DatasetCreate,
+    principal: Principal,
+    topics: TopicPolicy | None = None,
 ) -> CreatedDataset:
-    """Register a dataset after checking its topic and its schema against recent events."""
+    """Register a dataset after checking its topic and its schema against recent events.
+
+    The topic may not be one of Carrara's or Kafka's own, and must match `topics`' prefixes;
+    creating it is bounded by `topics`' partition limit.
+    """
+    policy = topics or TopicPolicy()
+    policy.check({"topic": data.topic})
+    if data.create_topic is not None:
+        policy.check_creation([(data.topic, data.create_topic.partitions)])
     if session.scalar(select(exists().where(Dataset.name == data.name))):
         raise Conflict(f"dataset '{data.name}' already exists")
     features = [{"name": f.name, "type": f.type.value} for f in data.features]

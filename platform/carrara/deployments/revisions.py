@@ -7,7 +7,7 @@ compacted deployments topic after commit even if Kafka is briefly down (the rela
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from carrara.models import Deployment, DeploymentRevision
 from carrara.outbox.service import enqueue_kafka
 from carrara.pagination import PageParams, paginate
 from carrara.streams.deployment_spec import spec_to_dict
+from carrara.topic_policy import TopicPolicy
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,20 @@ class Publishing:
 
     kafka_bootstrap: str
     deployments_topic: str
+    # Which topics deployments may use (never Carrara's or Kafka's internal ones).
+    topics: TopicPolicy = field(default_factory=TopicPolicy)
+
+
+def check_topic_policy(publishing: Publishing, spec: dict[str, Any]) -> None:
+    """Invalid (422) naming each field of `spec` whose topic its pool may not use."""
+    publishing.topics.check(
+        {
+            "input_topic": spec["input_topic"],
+            "output_topic": spec["output_topic"],
+            "monitoring.outcomes_topic": (spec.get("monitoring") or {}).get("outcomes_topic"),
+        },
+        spec.get("pool"),
+    )
 
 
 @dataclass
@@ -220,6 +235,7 @@ def apply(
     passes its own action and the `evidence` that triggered it, kept in the audit entry.
     """
     spec = normalize(session, body)
+    check_topic_policy(publishing, spec)
     check_metric(session, spec)
     check_topics(publishing.kafka_bootstrap, topics_of(spec))
     # ON CONFLICT DO NOTHING + row lock: two first PUTs of one name both succeed, one after
@@ -274,7 +290,8 @@ def rollback(
     assert current is not None
     if current.spec_hash == target.spec_hash:
         raise Conflict(f"deployment '{name}' already runs the spec of revision {number}")
-    # Models or topics may have gone since revision `number` was made.
+    # Models or topics may have gone (or been forbidden) since revision `number` was made.
+    check_topic_policy(publishing, target.spec)
     validate_live(session, target.spec, publishing.kafka_bootstrap)
     text = f"rollback to revision {number}" + (f": {reason}" if reason else "")
     revision = _new_revision(session, deployment, target.spec, text, actor, publishing)

@@ -71,6 +71,7 @@ from carrara.deployments.specs import (
 from carrara.models import Deployment, DeploymentRevision, ScorerInstance
 from carrara.pagination import Page, PageParams
 from carrara.settings import Settings
+from carrara.topic_policy import TopicPolicy
 
 __all__ = [
     "CLASSIFICATION_TASKS",
@@ -124,7 +125,9 @@ __all__ = [
 
 def publishing(settings: Settings) -> Publishing:
     """Where revisions go, from the settings: the Kafka cluster and the deployments topic."""
-    return Publishing(settings.kafka_bootstrap, settings.deployments_topic)
+    return Publishing(
+        settings.kafka_bootstrap, settings.deployments_topic, TopicPolicy.from_settings(settings)
+    )
 
 
 def deployment_out(deployment: Deployment, current: DeploymentRevision) -> DeploymentOut:

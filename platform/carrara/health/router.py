@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from carrara.health.service import check_readiness, loop_reports
+from carrara.auth.service import authenticate
+from carrara.deps import SessionDep, bearer
+from carrara.errors import Unauthorized
+from carrara.health.service import ReadinessCache, loop_reports
 from carrara.settings import Settings, get_settings
 
 router = APIRouter(tags=["health"])
@@ -28,13 +37,41 @@ def healthz(request: Request) -> JSONResponse:
 
 
 @router.get("/readyz", responses={503: {"description": "A dependency is not reachable"}})
-async def readyz(settings: Settings = Depends(get_settings)) -> JSONResponse:  # noqa: B008
-    """Readiness: Postgres, Kafka, Redis and MLflow all answer; 503 names the ones that do not."""
-    results = await check_readiness(settings)
+async def readyz(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    settings: Settings = Depends(get_settings),  # noqa: B008
+) -> JSONResponse:
+    """Readiness: Postgres, Kafka, Redis and MLflow all answer; 503 names the ones that do not.
+
+    The checks run at most once per `CARRARA_READYZ_CACHE_S` seconds. What each dependency said
+    (`checks`) is shown only to a caller with a valid API token (any role).
+    """
+    cache = getattr(request.app.state, "readiness", None)
+    if cache is None:
+        cache = request.app.state.readiness = ReadinessCache()
+    results, age = await cache.results(settings)
     failing = [r.name for r in results if not r.ok]
-    body = {
+    body: dict[str, object] = {
         "status": "ready" if not failing else "not ready",
         "failing": failing,
-        "checks": {r.name: {"ok": r.ok, "detail": r.detail} for r in results},
     }
+    if credentials is not None and await asyncio.to_thread(
+        _valid_token, session, credentials.credentials
+    ):
+        body["checks"] = {r.name: {"ok": r.ok, "detail": r.detail} for r in results}
+        body["age_s"] = round(age, 3)
     return JSONResponse(body, status_code=503 if failing else 200)
+
+
+def _valid_token(session: Session, secret: str) -> bool:
+    """Whether `secret` is a valid API token (False too when the database does not answer)."""
+    try:
+        authenticate(session, secret)
+    except Unauthorized:
+        return False
+    except SQLAlchemyError:
+        session.rollback()
+        return False
+    return True

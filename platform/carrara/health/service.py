@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import redis
@@ -70,6 +71,26 @@ async def check_readiness(settings: Settings) -> list[ProbeResult]:
     return list(
         await asyncio.gather(*(_run_probe(name, probe, settings) for name, probe in PROBES.items()))
     )
+
+
+@dataclass
+class ReadinessCache:
+    """The last readiness results per set of dependencies, so `/readyz` probed every second by
+    many clients (or an attacker) runs the checks at most once per `CARRARA_READYZ_CACHE_S`."""
+
+    entries: dict[tuple[str, ...], tuple[float, list[ProbeResult]]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def results(self, settings: Settings) -> tuple[list[ProbeResult], float]:
+        """The (possibly cached) results and their age in seconds."""
+        key = (settings.database_url, settings.kafka_bootstrap, settings.redis_url)
+        key += (settings.mlflow_url,)
+        async with self.lock:  # concurrent requests wait for one round of checks
+            cached = self.entries.get(key)
+            if cached is None or time.monotonic() - cached[0] > settings.readyz_cache_s:
+                cached = (time.monotonic(), await check_readiness(settings))
+                self.entries = {key: cached}
+            return cached[1], time.monotonic() - cached[0]
 
 
 def loop_reports(loops: Mapping[str, LoopHealth]) -> dict[str, dict[str, object]]:

@@ -37,6 +37,10 @@ class Holdout(BaseModel):
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Salt of the `hash` method.")
 
 
+# Every user-supplied mapping is bounded (the body limit bounds the rest): no algorithm takes more.
+MAX_PARAMS = 64
+
+
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,7 +50,9 @@ class RunCreate(BaseModel):
         min_length=1, max_length=50, description="See `GET /api/v1/runs/algorithms`."
     )
     params: dict[str, Any] = Field(
-        default_factory=dict, description="Algorithm params; unset ones take their defaults."
+        default_factory=dict,
+        max_length=MAX_PARAMS,
+        description="Algorithm params; unset ones take their defaults.",
     )
     holdout: Holdout = Field(default_factory=Holdout)
     registered_model_name: str = Field(

@@ -21,6 +21,7 @@ from carrara.errors import DomainError
 from carrara.pagination import Page
 from carrara.streams.event_schema import FeatureType, Task
 from carrara.streams.snapshot import SnapshotMode
+from carrara.topic_policy import TopicPolicy
 from carrara.training import service as training
 from carrara.training.schemas import RunOut
 from carrara.ui.forms import (
@@ -82,7 +83,9 @@ def create_dataset(
     status = 422
     try:
         body = DatasetCreate.model_validate(parse_dataset_form(form))
-        created = datasets.create_dataset(session, settings.kafka_bootstrap, body, user)
+        created = datasets.create_dataset(
+            session, settings.kafka_bootstrap, body, user, TopicPolicy.from_settings(settings)
+        )
     except FormInvalid as exc:
         errors = exc.errors
     except ValidationError as exc:
