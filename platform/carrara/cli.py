@@ -7,6 +7,7 @@ client of the control plane (like any CI pipeline) and never imports the databas
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from carrara.devstack.manager import APPLICATION, INFRASTRUCTURE, ServiceStatus, Stack, as_dicts
+from carrara.devstack.secure import profile_env
 from carrara.devstack.service import StackError
-from carrara.settings import Settings
+from carrara.settings import Settings, get_settings
 
 app = typer.Typer(help="Carrara: a Kafka-native ML platform.", no_args_is_help=True)
 stack_app = typer.Typer(help="Manage the local stack (no Docker needed).", no_args_is_help=True)
@@ -49,8 +51,25 @@ ServiceNames = Annotated[
 ]
 
 
-def _stack() -> Stack:
-    return Stack(Settings(), report=lambda msg: err_console.print(f"[dim]·[/dim] {msg}"))
+SecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--secure",
+        help="The secured stack: its own home (.carrara/secure) and ports (+100), Kafka on "
+        "SASL_SSL (SCRAM-SHA-512, TLS) with ACLs, MLflow with basic auth.",
+    ),
+]
+
+
+def _stack(secure: bool = False) -> Stack:
+    stack = Stack(
+        Settings(), report=lambda msg: err_console.print(f"[dim]·[/dim] {msg}"), secure=secure
+    )
+    if secure:
+        # Health probes in this process (e.g. the Celery ping) must find the secured stack.
+        os.environ.update(profile_env(stack.settings))
+        get_settings.cache_clear()
+    return stack
 
 
 def _print_table(statuses: list[ServiceStatus]) -> None:
@@ -71,20 +90,27 @@ def _fail(exc: StackError) -> None:
 
 
 @stack_app.command("up")
-def stack_up(services: ServiceNames = None) -> None:
+def stack_up(services: ServiceNames = None, secure: SecureOption = False) -> None:
     """Start the stack's services that are not running and wait until each is healthy."""
+    stack = _stack(secure)
     try:
-        statuses = _stack().up(services)
+        statuses = stack.up(services)
+        env_files = stack.write_identity_env_files()
     except StackError as exc:
         _fail(exc)
     _print_table(statuses)
+    if env_files:
+        console.print(
+            "Credentials and ports of each identity (mode 0600), to `set -a; . FILE; set +a` "
+            "before running a process or the CLI against this stack:\n  " + "\n  ".join(env_files)
+        )
 
 
 @stack_app.command("down")
-def stack_down(services: ServiceNames = None) -> None:
+def stack_down(services: ServiceNames = None, secure: SecureOption = False) -> None:
     """Stop the processes this project started (all of them unless services are named)."""
     try:
-        stopped = _stack().down(services)
+        stopped = _stack(secure).down(services)
     except StackError as exc:
         _fail(exc)
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
@@ -93,9 +119,10 @@ def stack_down(services: ServiceNames = None) -> None:
 @stack_app.command("status")
 def stack_status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    secure: SecureOption = False,
 ) -> None:
     """Show each service: running, healthy, PID and endpoint. Exit 1 if an infra service is down."""
-    statuses = _stack().status()
+    statuses = _stack(secure).status()
     if as_json:
         sys.stdout.write(orjson.dumps(as_dicts(statuses), option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")

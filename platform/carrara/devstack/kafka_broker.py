@@ -3,6 +3,12 @@
 Maven resolves `org.apache.kafka:kafka_2.13` and its runtime dependencies from the pom shipped in
 `resources/kafka-pom.xml` (cached in ~/.m2); the broker then runs on the machine's Java 17 with the
 same main classes that Kafka's own bin/ scripts call.
+
+Secured (`carrara stack up --secure`, see `devstack/secure.py`): one SASL_SSL listener
+(SCRAM-SHA-512 over TLS) for clients and inter-broker traffic, the controller on
+SASL_PLAINTEXT/PLAIN bound to the stack's host, the StandardAuthorizer with `broker` and `admin`
+as super users, SCRAM users added at `kafka-storage format --add-scram`, and the identities' ACLs
+created once the broker answers.
 """
 
 from __future__ import annotations
@@ -18,7 +24,19 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from carrara.devstack.processes import LaunchSpec
+from carrara.devstack.secure import (
+    ADMIN,
+    BROKER,
+    KAFKA_USERS,
+    SCRAM,
+    SecureMaterial,
+    apply_acls,
+    stack_acls,
+    write_private,
+)
 from carrara.devstack.service import Service, StackError
+from carrara.settings import Settings
+from carrara.streams.client_config import admin_config
 
 
 def _resource(name: str) -> Path:
@@ -28,6 +46,20 @@ def _resource(name: str) -> Path:
 class KafkaService(Service):
     name = "kafka"
     label = "Apache Kafka"
+
+    def __init__(
+        self,
+        settings: Settings,
+        secure: SecureMaterial | None = None,
+        data_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        """`secure`: run the secured broker with that material; `data_prefixes`: the topic
+        prefixes its ACLs give scorers and the monitor (none: any topic)."""
+        super().__init__(settings)
+        self.secure = secure
+        self.data_prefixes = data_prefixes
+        if secure is not None:
+            self.label = "Apache Kafka (SASL_SSL, ACLs)"
 
     @property
     def port(self) -> int:
@@ -73,7 +105,52 @@ class KafkaService(Service):
             "group.initial.rebalance.delay.ms": "0",
             "log.retention.hours": "-1",
         }
+        if self.secure is not None:
+            props |= self._secure_properties()
         return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def _secure_properties(self) -> dict[str, str]:
+        assert self.secure is not None
+        s, m = self.settings, self.secure
+        controller = f"{s.host}:{s.kafka_controller_port}"
+        broker_password = m.password(f"kafka:{BROKER}")
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        return {
+            "listeners": f"SASL_SSL://{s.host}:{s.kafka_port},CONTROLLER://{controller}",
+            "advertised.listeners": f"SASL_SSL://{s.host}:{s.kafka_port}",
+            "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,SASL_SSL:SASL_SSL",
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.enabled.mechanisms": SCRAM,
+            "sasl.mechanism.inter.broker.protocol": SCRAM,
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+                f'{scram} required username="{BROKER}" password="{broker_password}";'
+            ),
+            # SCRAM credentials live in the metadata log, which the controller serves: the
+            # controller listener authenticates with PLAIN (its one user is the broker itself).
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                f'{plain} required username="{BROKER}" password="{broker_password}" '
+                f'user_{BROKER}="{broker_password}";'
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(m.keystore),
+            "ssl.keystore.password": m.password("keystore"),
+            "ssl.key.password": m.password("keystore"),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(m.ca_file),
+            "ssl.client.auth": "none",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{BROKER};User:{ADMIN}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def admin_settings(self) -> Settings:
+        """Settings whose Kafka clients reach this broker as the stack's admin (when secured)."""
+        if self.secure is None:
+            return self.settings
+        return self.secure.client_settings(self.settings, ADMIN)
 
     def _java(self) -> str:
         java = shutil.which("java")
@@ -85,7 +162,10 @@ class KafkaService(Service):
         self._java()
         self.home.mkdir(parents=True, exist_ok=True)
         self._fetch_jars()
-        self.config_file.write_text(self.server_properties())
+        if self.secure is not None:
+            self.secure.ensure_tls()
+        # 0600: a secured broker's file holds its passwords.
+        write_private(self.config_file, self.server_properties())
         if not (self.data_dir / "meta.properties").exists():
             self._format_storage()
 
@@ -131,6 +211,7 @@ class KafkaService(Service):
                 cluster_id,
                 "-c",
                 str(self.config_file),
+                *self._scram_users(),
             ],
             capture_output=True,
             text=True,
@@ -138,6 +219,16 @@ class KafkaService(Service):
         )
         if result.returncode != 0:
             raise StackError(f"kafka-storage format failed:\n{result.stdout}\n{result.stderr}")
+
+    def _scram_users(self) -> list[str]:
+        """`--add-scram` arguments: the broker, the admin and every identity's user."""
+        if self.secure is None:
+            return []
+        args = []
+        for user in (BROKER, ADMIN, *KAFKA_USERS.values()):
+            password = self.secure.password(f"kafka:{user}")
+            args += ["--add-scram", f"{SCRAM}=[name={user},password={password}]"]
+        return args
 
     def launch_spec(self) -> LaunchSpec:
         heap = self.settings.kafka_heap
@@ -162,11 +253,16 @@ class KafkaService(Service):
     def healthy(self) -> bool:
         if not self.port_in_use():  # cheap check first: librdkafka logs every refused connect
             return False
-        admin = AdminClient(
-            {"bootstrap.servers": self.endpoint, "socket.timeout.ms": 2000, "log_level": 0}
-        )
+        config = admin_config(self.endpoint, self.admin_settings())
+        admin = AdminClient({**config, "socket.timeout.ms": 2000, "log_level": 0})
         try:
             metadata = admin.list_topics(timeout=2)
         except KafkaException:
             return False
         return bool(metadata.brokers)
+
+    def after_healthy(self) -> None:
+        """Secured: create the identities' ACLs (idempotent)."""
+        if self.secure is not None:
+            acls = stack_acls(self.settings, self.data_prefixes)
+            apply_acls(self.endpoint, self.admin_settings(), acls)

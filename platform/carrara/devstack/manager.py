@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -16,8 +17,9 @@ from carrara.devstack.app_processes import (
 from carrara.devstack.kafka_broker import KafkaService
 from carrara.devstack.mlflow_server import MlflowService
 from carrara.devstack.postgres_server import PostgresService
-from carrara.devstack.processes import ProcessRegistry
+from carrara.devstack.processes import LaunchSpec, ProcessRegistry
 from carrara.devstack.redis_server import RedisService
+from carrara.devstack.secure import SecureMaterial, profile_env, secure_profile
 from carrara.devstack.service import Service, StackError
 from carrara.settings import Settings
 
@@ -48,22 +50,37 @@ class ServiceStatus:
     log: str
 
 
-class Stack:
-    """The local stack's services, in start order."""
+# Which identity (devstack/secure.py) each of Carrara's processes runs as in the secured stack.
+IDENTITY = {"api": "control", "worker": "control", "monitor": "monitor"}
 
-    def __init__(self, settings: Settings, report: Callable[[str], None] = lambda _: None) -> None:
+
+class Stack:
+    """The local stack's services, in start order.
+
+    `secure`: the secured stack (`carrara stack up --secure`): its own home (`<home>/secure`) and
+    ports (the plain stack's + 100), Kafka on SASL_SSL with ACLs, MLflow with basic auth, and
+    Carrara's processes started with their identity's credentials. Both stacks can run at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        report: Callable[[str], None] = lambda _: None,
+        *,
+        secure: bool = False,
+    ) -> None:
+        if secure:
+            settings = secure_profile(settings)
         self.settings = settings
         self.report = report
+        self.material = SecureMaterial(settings.home, settings.host) if secure else None
         self.registry = ProcessRegistry(settings.home / "run", settings.home / "logs")
-        classes: list[type[Service]] = [
-            PostgresService,
-            RedisService,
-            KafkaService,
-            MlflowService,
-            ApiService,
-            WorkerService,
-        ]
+        classes: list[type[Service]] = [PostgresService, RedisService, ApiService, WorkerService]
         self.services: dict[str, Service] = {cls.name: cls(settings) for cls in classes}
+        self.services["kafka"] = KafkaService(settings, self.material)
+        self.services["mlflow"] = MlflowService(settings, self.material)
+        order = ("postgres", "redis", "kafka", "mlflow", "api", "worker")
+        self.services = {name: self.services[name] for name in order}
         for index in (1, 2):
             scorer = ScorerService(settings, index)
             self.services[scorer.name] = scorer
@@ -123,7 +140,7 @@ class Stack:
             self.report(f"preparing {svc.label}")
             svc.prepare()
             self.report(f"starting {svc.label}")
-            proc = self.registry.start(svc.name, svc.launch_spec())
+            proc = self.registry.start(svc.name, self._identified(svc, svc.launch_spec()))
             started = True
         deadline = time.monotonic() + START_TIMEOUT.get(svc.name, 60)
         while not svc.healthy():
@@ -142,6 +159,22 @@ class Stack:
         svc.after_healthy()
         self.report(f"{svc.label} is up at {svc.endpoint}")
         return self.status_of(svc, started_now=started)
+
+    def _identified(self, svc: Service, spec: LaunchSpec) -> LaunchSpec:
+        """Secured: the stack's ports and, for Carrara's processes, their identity's credentials."""
+        if self.material is None:
+            return spec
+        env = {**profile_env(self.settings), **spec.env}
+        identity = "scorer" if svc.name.startswith("scorer-") else IDENTITY.get(svc.name)
+        if identity is not None:
+            env |= self.material.identity_env(identity)
+        return dataclasses.replace(spec, env=env)
+
+    def write_identity_env_files(self) -> list[str]:
+        """Secured: `secrets/<identity>.env` for running processes or the CLI by hand."""
+        if self.material is None:
+            return []
+        return [str(p) for p in self.material.write_env_files(self.settings)]
 
     def down(self, names: Iterable[str] | None = None) -> list[str]:
         """Stop the services this project started, in reverse start order; returns their names."""
