@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 import numpy as np
 import onnxruntime as ort
@@ -36,7 +37,7 @@ from carrara.training.algorithms import validate_params
 from carrara.training.mlflow_logging import Lineage, LoggedModel, log_and_register
 from carrara.training.onnx_export import export_onnx
 from carrara.training.trainers import train
-from tests.integration.conftest import RUN_ID
+from tests.integration.conftest import RUN_ID, LiveApi, run_cli
 from tests.integration.test_scorer import SCHEMA, ScoringEnv, _event, _status_of
 
 MODELS = "/api/v1/models"
@@ -57,7 +58,9 @@ def scoring(stack_settings: Settings) -> Iterator[ScoringEnv]:
     yield env
     for instance in list(env.processes):
         env.stop_scorer(instance, signal.SIGKILL)
-    admin.delete_topics([*topics.values(), f"{topics['input']}.dead-letters"])
+    # A scorer that served a revision made the dead-letter topic.
+    dead_letters = [f"{topics['input']}.dead-letters"] if env.ports else []
+    admin.delete_topics([*topics.values(), *dead_letters])
 
 
 def _train_and_register(settings: Settings, name: str, c: float) -> tuple[LoggedModel, Any, Any]:
@@ -371,3 +374,66 @@ def test_an_uploaded_onnx_model_deploys_and_scores_like_onnx_runtime(
         prediction = served[keys[i]]
         assert prediction.score == pytest.approx(float(expected), abs=1e-6)
         assert prediction.label == int(expected >= 0.5)
+
+
+def _tiny_regressor(tmp: Path) -> Path:
+    """An ONNX model written with onnx.helper: score = 2 * amount + velocity."""
+    from onnx import TensorProto, helper, save_model
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [2, 1], [2.0, 1.0])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["score"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [None, 1])],
+        [weights],
+    )
+    path = tmp / "tiny.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    save_model(model, str(path))
+    return path
+
+
+def test_the_cli_uploads_an_onnx_model_and_an_admin_trusts_a_version(
+    live_api: LiveApi, scoring: ScoringEnv, tmp_path: Path
+) -> None:
+    scoring.produce(
+        [orjson.dumps({**_event(i), "fraud": i % 2}) for i in range(30)],
+        [f"card-{i}".encode() for i in range(30)],
+    )
+    dataset = f"cli-{uuid.uuid4().hex[:8]}"
+    created = httpx.post(
+        f"{live_api.url}/api/v1/datasets",
+        json={
+            "name": dataset,
+            "topic": scoring.topics["input"],
+            "key_field": "card_id",
+            "features": SCHEMA["features"],
+            "label_field": "fraud",
+            "task": "binary",
+        },
+        headers={"Authorization": f"Bearer {live_api.admin_token}"},
+        timeout=60,
+    )
+    assert created.status_code == 201, created.text
+    model = f"cli-upload-{uuid.uuid4().hex[:8]}"
+    args = ["models", "upload", model, str(_tiny_regressor(tmp_path)), "--dataset", dataset]
+    args += ["--features", "amount,velocity", "--output", "regression"]
+    uploaded = run_cli(live_api, *args, "--json")
+    assert uploaded.returncode == 0, uploaded.stderr
+    version = orjson.loads(uploaded.stdout)
+    assert version["origin"] == "upload"
+    assert version["trusted_code"] is False
+
+    refused = run_cli(live_api, *args[:-2], "--output", "class_scores")
+    assert refused.returncode == 2
+    assert "class_scores needs the label of each column" in refused.stderr
+
+    trusted = run_cli(
+        live_api, "models", "trust", model, "--version", str(version["version"]), "--reason", "ok"
+    )
+    assert trusted.returncode == 0, trusted.stderr
+    assert f"{model} v{version['version']}: trusted code" in trusted.stdout
+    shown = orjson.loads(run_cli(live_api, "models", "show", model, "--json").stdout)
+    assert shown["versions"][0]["trusted_code"] is True

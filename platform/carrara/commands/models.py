@@ -1,10 +1,12 @@
-"""Models: list, show lineage, import from MLflow, set and remove aliases (REST client)."""
+"""Models: list, show lineage, import from MLflow, upload ONNX, trust, aliases (REST client)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import orjson
 import typer
 from rich.table import Table
 
@@ -130,3 +132,88 @@ def sync(name: str, as_json: JsonOpt = False) -> None:
     console.print(f"aliases removed: {', '.join(result['aliases_removed']) or 'none'}")
     if result["aliases_skipped"]:
         console.print(f"aliases skipped: {', '.join(result['aliases_skipped'])}")
+
+
+def _label(value: str) -> str | int | bool:
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+@app.command("upload")
+def upload(
+    name: str,
+    file: Annotated[Path, typer.Argument(help="The .onnx file.", exists=True, dir_okay=False)],
+    dataset: Annotated[str, typer.Option(help="The dataset whose events the model scores.")],
+    features: Annotated[
+        str,
+        typer.Option(help="Numeric dataset features, comma-separated, in input-column order."),
+    ],
+    output: Annotated[
+        str,
+        typer.Option(
+            help="What the output means: probability (of the positive class), class_scores, "
+            "regression or anomaly_score."
+        ),
+    ],
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            help="class_scores: the label of each column; probability: negative,positive."
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="anomaly_score: alert above this score.")
+    ] = None,
+    input_name: Annotated[
+        str | None, typer.Option(help="The input tensor (default: the only one).")
+    ] = None,
+    output_name: Annotated[
+        str | None, typer.Option(help="The output tensor to score with.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload an ONNX model trained anywhere as a new version (checked on the dataset's events)."""
+    declaration: dict[str, Any] = {
+        "dataset": dataset,
+        "features": [f.strip() for f in features.split(",") if f.strip()],
+        "output": output,
+    }
+    if classes is not None:
+        declaration["classes"] = [_label(c) for c in classes.split(",") if c.strip()]
+    optional = {"threshold": threshold, "input_name": input_name, "output_name": output_name}
+    declaration.update({k: v for k, v in optional.items() if v is not None})
+    with file.open("rb") as handle:
+        created = ApiClient().post(
+            _path(name, "versions"),
+            files={"file": (file.name, handle, "application/octet-stream")},
+            data={"declaration": orjson.dumps(declaration).decode()},
+        )
+    if as_json:
+        print_json(created)
+        return
+    console.print(f"uploaded {name} v{created['version']} ({created['mlflow_source']})")
+
+
+@app.command("trust")
+def trust(
+    name: str,
+    version: VersionOpt,
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    revoke: Annotated[bool, typer.Option("--revoke", help="Take the trust back.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Admins: allow scorers to load a version from formats that run code (pickle, pyfunc)."""
+    result = ApiClient().put(
+        _path(name, "versions", str(version), "trust"),
+        json={"trusted_code": not revoke, "reason": reason},
+    )
+    if as_json:
+        print_json(result)
+        return
+    state = "trusted code" if result["trusted_code"] else "not trusted"
+    console.print(f"{name} v{version}: {state} (effective from each deployment's next revision)")
