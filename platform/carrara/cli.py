@@ -265,6 +265,7 @@ def _admin_token(settings: Settings) -> str:
     from carrara.auth.service import authenticate, bootstrap_admin, create_token
     from carrara.db import engine_for
     from carrara.errors import Unauthorized
+    from carrara.secret_keys import replace_private_file
 
     token_file = settings.home / "admin-token"
     secret = token_file.read_text().strip() if token_file.exists() else ""
@@ -278,9 +279,8 @@ def _admin_token(settings: Settings) -> str:
             if not secret:  # admins exist, but this stack's token file is gone or revoked
                 _, secret = create_token(session, "demo", Role.admin, created_by=None)
     if not usable:
-        token_file.parent.mkdir(parents=True, exist_ok=True)
-        token_file.write_text(secret + "\n")
-        token_file.chmod(0o600)
+        # Created with mode 0600 and moved into place: never readable by others, never partial.
+        replace_private_file(token_file, secret + "\n")
     console.print(f"Admin token (also in {token_file}): [bold]{secret}[/bold]")
     console.print(f"  export CARRARA_TOKEN=$(cat {token_file})")
     return secret

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -126,3 +128,74 @@ def test_bootstrap_creates_one_admin_only_when_none_is_active(db_session: Sessio
     secret = bootstrap_admin(db_session, "first-admin")
     assert secret is not None
     assert bootstrap_admin(db_session, "second-admin") is None
+
+
+def test_tokens_may_expire(
+    client: TestClient, admin_headers: dict[str, str], db_session: Session
+) -> None:
+    created = client.post(
+        "/api/v1/tokens",
+        json={"name": "short-lived", "role": "viewer", "expires_in": 3600},
+        headers=admin_headers,
+    )
+    assert created.status_code == 201, created.text
+    expires_at = datetime.fromisoformat(created.json()["expires_at"])
+    assert timedelta(minutes=59) < expires_at - datetime.now(UTC) <= timedelta(hours=1)
+    headers = {"Authorization": f"Bearer {created.json()['token']}"}
+    assert client.get("/api/v1/tokens/me", headers=headers).status_code == 200
+
+    row = db_session.get(ApiToken, created.json()["id"])
+    assert row is not None
+    row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+    db_session.flush()
+    expired = client.get("/api/v1/tokens/me", headers=headers)
+    assert expired.status_code == 401
+    assert "expired at" in expired.json()["detail"]
+
+    too_short = client.post(
+        "/api/v1/tokens",
+        json={"name": "x", "role": "viewer", "expires_in": 5},
+        headers=admin_headers,
+    )
+    assert too_short.status_code == 422
+
+
+def test_tokens_are_rotated_by_an_admin_or_by_themselves(
+    client: TestClient, admin_headers: dict[str, str], db_session: Session
+) -> None:
+    made = client.post(
+        "/api/v1/tokens",
+        json={"name": "pipeline", "role": "editor", "expires_in": 86_400},
+        headers=admin_headers,
+    ).json()
+    own = {"Authorization": f"Bearer {made['token']}"}
+    rotated = client.post(f"/api/v1/tokens/{made['id']}/rotate", json={}, headers=own)
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()
+    assert (new["name"], new["role"]) == ("pipeline", "editor")
+    assert new["id"] != made["id"]
+    lifetime = datetime.fromisoformat(new["expires_at"]) - datetime.now(UTC)
+    assert timedelta(hours=23) < lifetime < timedelta(days=1, minutes=5)  # as the old one
+    assert client.get("/api/v1/tokens/me", headers=own).status_code == 401  # revoked at once
+    new_headers = {"Authorization": f"Bearer {new['token']}"}
+    assert client.get("/api/v1/tokens/me", headers=new_headers).json()["name"] == "pipeline"
+
+    other = client.post(
+        "/api/v1/tokens", json={"name": "other", "role": "viewer"}, headers=admin_headers
+    ).json()
+    refused = client.post(f"/api/v1/tokens/{other['id']}/rotate", json={}, headers=new_headers)
+    assert refused.status_code == 403
+    by_admin = client.post(
+        f"/api/v1/tokens/{other['id']}/rotate", json={"expires_in": 600}, headers=admin_headers
+    )
+    assert by_admin.status_code == 201
+    assert by_admin.json()["expires_at"] is not None
+    again = client.post(f"/api/v1/tokens/{other['id']}/rotate", json={}, headers=admin_headers)
+    assert again.status_code == 409
+    actions = [
+        e["action"]
+        for e in client.get("/api/v1/audit", params={"limit": 50}, headers=admin_headers).json()[
+            "items"
+        ]
+    ]
+    assert actions.count("token.rotate") == 2

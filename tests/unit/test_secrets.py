@@ -7,10 +7,13 @@ import stat
 from pathlib import Path
 
 import pytest
+import typer
 
+from carrara.commands.tokens import parse_duration
 from carrara.secret_keys import (
     WeakSecret,
     deployment_signing_keys,
+    replace_private_file,
     session_secret,
     write_private_file,
 )
@@ -106,3 +109,25 @@ def test_the_signature_header_is_read_once() -> None:
     assert header_value([(SIGNATURE_HEADER, b"x")]) == b"x"
     assert header_value([(SIGNATURE_HEADER, b"x"), (SIGNATURE_HEADER, b"y")]) is None
     assert header_value(None) is None
+
+
+def test_the_admin_token_file_is_replaced_atomically_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "admin-token"
+    path.write_text("old, readable by others\n")
+    path.chmod(0o644)
+    replace_private_file(path, "crr_new\n")
+    assert path.read_text() == "crr_new\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["admin-token"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90d", 90 * 86_400), ("12h", 43_200), ("30m", 1800), ("3600", 3600)]
+)
+def test_expiry_durations_are_read_like_people_write_them(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_a_bad_duration_is_refused() -> None:
+    with pytest.raises(typer.BadParameter):
+        parse_duration("soon")

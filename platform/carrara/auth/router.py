@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from fastapi import APIRouter, status
 
 from carrara.auth import service
-from carrara.auth.schemas import TokenCreate, TokenCreated, TokenOut, WhoAmI
+from carrara.auth.schemas import TokenCreate, TokenCreated, TokenOut, TokenRotate, WhoAmI
 from carrara.deps import Admin, DbId, PageParamsDep, SessionDep, Viewer
 from carrara.pagination import Page
 
@@ -20,8 +22,25 @@ def whoami(principal: Viewer) -> WhoAmI:
 
 @router.post("", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
 def create_token(body: TokenCreate, session: SessionDep, principal: Admin) -> TokenCreated:
-    """Create an API token. The secret is in this response only; it is stored hashed."""
-    row, secret = service.create_token(session, body.name, body.role, principal)
+    """Create an API token (expiring after `expires_in` seconds, if given). The secret is in
+    this response only; it is stored hashed."""
+    expires_in = timedelta(seconds=body.expires_in) if body.expires_in else None
+    row, secret = service.create_token(session, body.name, body.role, principal, expires_in)
+    session.flush()
+    session.refresh(row)
+    return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)
+
+
+@router.post("/{token_id}/rotate", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def rotate_token(
+    token_id: DbId, body: TokenRotate, session: SessionDep, principal: Viewer
+) -> TokenCreated:
+    """Replace a token by a new one (same name and role) and revoke the old one at once.
+
+    Admins rotate any token; any token may rotate itself. The new secret is in this response only.
+    """
+    expires_in = timedelta(seconds=body.expires_in) if body.expires_in else None
+    row, secret = service.rotate_token(session, token_id, principal, expires_in)
     session.flush()
     session.refresh(row)
     return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)

@@ -1,4 +1,5 @@
-"""Token lifecycle: create (the secret is shown once), verify, list, revoke."""
+"""Token lifecycle: create (the secret is shown once, optionally expiring), verify, list,
+revoke, rotate."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from carrara.audit.service import record
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
-from carrara.errors import Conflict, NotFound, Unauthorized
+from carrara.errors import Conflict, Forbidden, NotFound, Unauthorized
 from carrara.models import ApiToken
 from carrara.pagination import PageParams, paginate
 
@@ -28,9 +29,14 @@ def hash_token(token: str) -> str:
 
 
 def create_token(
-    session: Session, name: str, role: Role, created_by: Principal | None
+    session: Session,
+    name: str,
+    role: Role,
+    created_by: Principal | None,
+    expires_in: timedelta | None = None,
 ) -> tuple[ApiToken, str]:
-    """Create a token; returns the row and the secret, which is never stored or shown again."""
+    """Create a token (expiring after `expires_in`, if given); returns the row and the secret,
+    which is never stored or shown again."""
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
         name=name,
@@ -38,6 +44,7 @@ def create_token(
         prefix=secret[:12],
         token_hash=hash_token(secret),
         created_by_id=created_by.token_id if created_by else None,
+        expires_at=datetime.now(UTC) + expires_in if expires_in is not None else None,
     )
     session.add(row)
     session.flush()
@@ -47,9 +54,21 @@ def create_token(
         "token.create",
         "token",
         row.id,
-        after={"name": row.name, "role": row.role},
+        after=_audited(row),
     )
     return row, secret
+
+
+def _audited(row: ApiToken) -> dict[str, str | None]:
+    expires = row.expires_at.isoformat() if row.expires_at else None
+    return {"name": row.name, "role": row.role, "expires_at": expires}
+
+
+def is_active(row: ApiToken, now: datetime | None = None) -> bool:
+    """Neither revoked nor expired."""
+    if row.revoked_at is not None:
+        return False
+    return row.expires_at is None or (now or datetime.now(UTC)) < row.expires_at
 
 
 def authenticate(session: Session, secret: str) -> Principal:
@@ -60,6 +79,8 @@ def authenticate(session: Session, secret: str) -> Principal:
     if row.revoked_at is not None:
         raise Unauthorized(f"token {row.prefix}… was revoked")
     now = datetime.now(UTC)
+    if row.expires_at is not None and now >= row.expires_at:
+        raise Unauthorized(f"token {row.prefix}… expired at {row.expires_at.isoformat()}")
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         row.last_used_at = now
     return Principal(token_id=row.id, name=row.name, role=Role(row.role))
@@ -95,14 +116,52 @@ def revoke_token(session: Session, token_id: int, actor: Principal) -> ApiToken:
     return row
 
 
-def bootstrap_admin(session: Session, name: str = "admin") -> str | None:
+def rotate_token(
+    session: Session, token_id: int, actor: Principal, expires_in: timedelta | None = None
+) -> tuple[ApiToken, str]:
+    """Replace a token by a new one with the same name and role, and revoke it at once.
+
+    An admin may rotate any token; any token may rotate itself (a pipeline renewing its own
+    credential). The new token expires after `expires_in`, else after as long as the old one
+    was valid for (never, if it never expired).
+    """
+    row = get_token(session, token_id)
+    if token_id != actor.token_id and not actor.can(Role.admin):
+        raise Forbidden("only an admin may rotate another token; any token may rotate itself")
+    now = datetime.now(UTC)
+    if not is_active(row, now):
+        raise Conflict(f"token {token_id} is revoked or expired; create a new one instead")
+    if expires_in is None and row.expires_at is not None:
+        expires_in = row.expires_at - row.created_at
+    new_row, secret = create_token(session, row.name, Role(row.role), actor, expires_in)
+    row.revoked_at = now
+    record(
+        session,
+        actor,
+        "token.rotate",
+        "token",
+        row.id,
+        before=_audited(row),
+        after={**_audited(new_row), "replaced_by": str(new_row.id)},
+    )
+    return new_row, secret
+
+
+def bootstrap_admin(
+    session: Session, name: str = "admin", expires_in: timedelta | None = None
+) -> str | None:
     """Create the first admin token when no active admin exists; None if there already is one."""
+    now = datetime.now(UTC)
     active_admins = session.scalar(
         select(func.count())
         .select_from(ApiToken)
-        .where(ApiToken.role == Role.admin.value, ApiToken.revoked_at.is_(None))
+        .where(
+            ApiToken.role == Role.admin.value,
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )
     )
     if active_admins:
         return None
-    _, secret = create_token(session, name, Role.admin, created_by=None)
+    _, secret = create_token(session, name, Role.admin, created_by=None, expires_in=expires_in)
     return secret

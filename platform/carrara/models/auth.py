@@ -25,6 +25,8 @@ class ApiToken(TimestampMixin, Base):
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # None: the token never expires. Past it the token is refused, as if revoked.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AuditEvent(Base):

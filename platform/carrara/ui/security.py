@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
-from carrara.auth.service import get_token
+from carrara.auth.service import get_token, is_active
 from carrara.deps import SessionDep, require
 from carrara.errors import NotFound
 
@@ -136,9 +136,9 @@ def current_user(request: Request, session: PageSession) -> Principal:
         row = get_token(session, token_id)
     except NotFound:
         row = None
-    if row is None or row.revoked_at is not None:
+    if row is None or not is_active(row):
         sign_out(request)
-        raise SignInRequired("your token was revoked or deleted; sign in with another one")
+        raise SignInRequired("your token was revoked, expired or deleted; sign in with another one")
     principal = Principal(token_id=row.id, name=row.name, role=Role(row.role))
     request.state.user = principal
     return principal
