@@ -132,6 +132,29 @@ def stack_status(
     raise typer.Exit(1 if infra_down else 0)
 
 
+@stack_app.command("acls")
+def stack_acls_command(
+    data_prefix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data-prefix",
+            help="Topic prefix scorers and the monitor may use (repeat; default: any topic).",
+        ),
+    ] = None,
+) -> None:
+    """Create the ACLs of Carrara's identities (devstack/secure.py) on the Kafka cluster the
+    environment points at, authenticating with its CARRARA_KAFKA_* settings (an admin's)."""
+    from carrara.devstack.secure import apply_acls, stack_acls
+
+    settings = Settings()
+    acls = stack_acls(settings, tuple(data_prefix or ()))
+    try:
+        apply_acls(settings.kafka_bootstrap, settings, acls)
+    except StackError as exc:
+        _fail(exc)
+    console.print(f"{len(acls)} ACL bindings in place on {settings.kafka_bootstrap}")
+
+
 @stack_app.command(
     "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )
