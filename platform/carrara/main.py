@@ -95,7 +95,7 @@ def body_limit_routes(settings: Settings) -> list[RouteLimit]:
     upload = settings.max_model_upload_bytes + 64 * 1024
     return [
         RouteLimit("POST", re.compile(r"/api/v1/models/[^/]+/versions"), upload),
-        RouteLimit("POST", re.compile(r"/ui/models/[^/]+/upload"), upload),
+        RouteLimit("POST", re.compile(r"/ui/models/upload"), upload),
     ]
 
 

@@ -322,7 +322,7 @@ def test_every_form_post_of_the_ui_checks_the_csrf_token(client: TestClient, edi
     ]
     assert len(posts) >= 12
     for path in posts:
-        url = re.sub(r"\{run_id\}", "1", re.sub(r"\{(name|alias)\}", "x", path))
+        url = re.sub(r"\{(run_id|version)\}", "1", re.sub(r"\{(name|alias)\}", "x", path))
         response = client.post(url, data={"csrf_token": "stolen"})
         assert response.status_code == 403, path
         assert "This form has expired" in response.text, path
