@@ -23,7 +23,8 @@ RUN pip install --no-deps -e .
 COPY web/templates ./web/templates
 COPY web/static ./web/static
 COPY --from=web /app/web/static/vendor ./web/static/vendor
-RUN useradd --create-home --uid 10001 carrara
+# The stack home (.carrara) is the API's: a session key generated there when none is given.
+RUN useradd --create-home --uid 10001 carrara && mkdir -p /app/.carrara && chown carrara /app/.carrara
 USER carrara
 EXPOSE 8000 9400
 CMD ["uvicorn", "carrara.main:app", "--host", "0.0.0.0", "--port", "8000"]

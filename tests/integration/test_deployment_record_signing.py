@@ -20,11 +20,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from carrara.deployments.revisions import republish
+from carrara.deployments.service import publishing
 from carrara.outbox.relay import OutboxRelay
 from carrara.registry import service as registry
 from carrara.settings import Settings, get_settings
 from carrara.streams.client_config import consumer_config, producer_config
-from carrara.streams.deployment_spec import DeploymentSpec, encode_spec
+from carrara.streams.deployment_spec import DeploymentSpec, decode_spec, encode_spec
 from carrara.streams.record_signing import SIGNATURE_HEADER, header_value, record_problem, sign
 from carrara.streams.topics import TopicAdmin
 from tests.integration.conftest import ROOT, RUN_ID
@@ -202,3 +204,53 @@ def test_the_relay_signs_deployment_records_over_their_exact_bytes(
     assert record_problem(keys, message.key(), value, signature, "signed-a") is None
     assert record_problem([WRONG_KEY.encode()], message.key(), value, signature, "signed-a")
     assert record_problem(keys, message.key(), value + b" ", signature, "signed-a")
+
+
+def test_republishing_replaces_unsigned_records_by_signed_ones(
+    client: TestClient,
+    editor_headers: dict[str, str],
+    db_session: Session,
+    stack_settings: Settings,
+    test_settings: Settings,
+    topic_name: str,
+    io_topics: tuple[str, str],
+) -> None:
+    TopicAdmin(stack_settings.kafka_bootstrap).ensure_compacted_topic(topic_name)
+    settings = test_settings.model_copy(update={"deployments_topic": topic_name})
+    client.app.dependency_overrides[get_settings] = lambda: settings  # type: ignore[attr-defined]
+    registry.register_version(db_session, "republished-model", 1, None, "models:/m-1", {})
+    body = {
+        "input_topic": io_topics[0],
+        "output_topic": io_topics[1],
+        "key_field": "user_id",
+        "variants": [{"name": "a", "model": "republished-model", "version": 1, "weight": 100}],
+    }
+    assert client.put("/api/v1/deployments/rep-a", json=body, headers=editor_headers).is_success
+    OutboxRelay(stack_settings.kafka_bootstrap).run_once(db_session)  # before the key: unsigned
+    assert republish(db_session, publishing(settings)) >= 1
+    relay = OutboxRelay(stack_settings.kafka_bootstrap, signing=(topic_name, SIGNING_KEY.encode()))
+    relay.run_once(db_session)
+
+    consumer = Consumer(consumer_config(stack_settings.kafka_bootstrap, f"t-{uuid.uuid4().hex}"))
+    consumer.assign([TopicPartition(topic_name, 0, OFFSET_BEGINNING)])
+    records = []
+    deadline = time.monotonic() + 30
+    while len(records) < 2 and time.monotonic() < deadline:
+        polled = consumer.poll(0.5)
+        if polled is not None and polled.error() is None:
+            records.append(polled)
+    consumer.close()
+    keys = [SIGNING_KEY.encode()]
+    unsigned, signed_again = records
+    assert record_problem(keys, unsigned.key(), unsigned.value() or b"", None, "rep-a")
+    assert (
+        record_problem(
+            keys,
+            signed_again.key(),
+            signed_again.value() or b"",
+            header_value(signed_again.headers()),
+            "rep-a",
+        )
+        is None
+    )
+    assert decode_spec(signed_again.value() or b"").revision == 1  # the same revision, again

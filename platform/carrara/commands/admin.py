@@ -37,3 +37,21 @@ def bootstrap(
         )
         raise typer.Exit(1)
     console.print(secret)
+
+
+@app.command("republish-deployments")
+def republish_deployments() -> None:
+    """Publish every deployment's current revision again (signed, when a signing key is set).
+
+    Run it after configuring CARRARA_DEPLOYMENT_SIGNING_KEY on the API and before configuring
+    it on the scorers: the records already on the deployments topic are unsigned, and scorers
+    that verify would refuse them. Runs next to the control plane, like `bootstrap`.
+    """
+    from carrara.db import get_sessionmaker
+    from carrara.deployments.revisions import republish
+    from carrara.deployments.service import publishing
+    from carrara.settings import get_settings
+
+    with get_sessionmaker()() as session, session.begin():
+        count = republish(session, publishing(get_settings()))
+    console.print(f"{count} deployment revision(s) queued; the API's outbox relay publishes them")

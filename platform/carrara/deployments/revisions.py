@@ -191,6 +191,26 @@ def _new_revision(
     return revision
 
 
+def republish(session: Session, publishing: Publishing) -> int:
+    """Publish the current revision of every deployment again; returns how many.
+
+    For when the records on the deployments topic must be replaced without a change of desired
+    state: after a signing key is configured (the relay signs the new records, so scorers that
+    verify accept them) or the topic was lost. Scorers already serving a revision ignore it.
+    """
+    count = 0
+    now = datetime.now(UTC)
+    for deployment in session.scalars(select(Deployment).where(Deployment.current_revision > 0)):
+        current = current_revision(session, deployment)
+        if current is None:
+            continue
+        pins = pins_of(session, current.spec)
+        wire = wire_spec(deployment, current.number, current.spec, now, pins)
+        enqueue_kafka(session, publishing.deployments_topic, deployment.name, spec_to_dict(wire))
+        count += 1
+    return count
+
+
 def _audit(
     session: Session,
     actor: Principal,
