@@ -189,8 +189,7 @@ class Settings(BaseSettings):
         if not sasl and self.kafka_sasl_mechanism is not None:
             problems.append("CARRARA_KAFKA_SASL_MECHANISM needs a SASL_* security protocol")
         if self.kafka_sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
-            self.kafka_sasl_username
-            and (self.kafka_sasl_password or self.kafka_sasl_password_file)
+            self.kafka_sasl_username and (self.kafka_sasl_password or self.kafka_sasl_password_file)
         ):
             problems.append(
                 "CARRARA_KAFKA_SASL_USERNAME and CARRARA_KAFKA_SASL_PASSWORD(_FILE) are required "

@@ -62,6 +62,8 @@ def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
 def test_loop_health_logs_one_line_per_outage_and_one_on_recovery() -> None:
     health = LoopHealth("scorer", stall_after_s=60, deployment="d")
     with capture_logs() as logs:
+        health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "0/2 brokers are down"))
+        assert not health.in_trouble  # a late report, after a recovery: not an outage
         health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
         health.on_client_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
         assert "connection refused" in (health.last_error or "")

@@ -82,3 +82,17 @@ def test_shadow_sampling_follows_its_percentage() -> None:
 def test_keyless_events_are_routed_by_position() -> None:
     assert routing_key(None, 2, 17) != routing_key(None, 2, 18)
     assert routing_key("card-1", 2, 17) == "card-1"
+
+
+def test_the_batch_path_agrees_with_the_per_key_path() -> None:
+    variants = [
+        VariantSpec(name="a", model_name="m", model_version=1, weight=70),
+        VariantSpec(name="b", model_name="m", model_version=2, weight=20),
+        VariantSpec(name="c", model_name="m", model_version=3, weight=10),
+    ]
+    splitter = Splitter("salt-1", variants)
+    keys = [f"card-{i}" for i in range(5000)] + ["", "\u00e9", "\x00offset:1:2"]
+    buckets = splitter.buckets(keys)
+    assert buckets.tolist() == [bucket_of("salt-1", k) for k in keys]
+    chosen = splitter.choose_indexes(buckets)
+    assert [splitter.live[i].name for i in chosen] == [splitter.choose(k).name for k in keys]

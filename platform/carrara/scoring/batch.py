@@ -3,6 +3,12 @@
 Pure with respect to Kafka: it takes input events and returns the records to produce, so the
 delivery loop (exactly-once or at-least-once) stays separate and this part is unit-testable.
 
+The hot path is columnar: the batch arrives as columns (`InputBatch`, one pass over the consumed
+messages), events are decoded once per distinct schema with their batch index as the position,
+variant assignment is one vectorised lookup per batch (skipped for a single 100% variant), scores
+stay arrays, and the parts of each output record that are the same for the whole batch (the
+deployment, revision, variant, model and topic headers) are built once per variant.
+
 Per batch: oversized events are dead-lettered first; the rest are decoded once per distinct event
 schema with the typed codec; undecodable or invalid events are dead-lettered with the reason; each
 remaining event is routed by its entity key (or its offset when keyless) to one live variant; every
@@ -16,23 +22,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+from confluent_kafka import Message
 
-from carrara.scoring.splitter import Splitter, bucket_of, routing_key
-from carrara.streams.consumed import Headers
+from carrara.scoring.splitter import Splitter, routing_key
+from carrara.streams.consumed import Headers, headers
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec
 from carrara.streams.event_codec import DecodedEvents, EventDecoder, FeatureSpec
 from carrara.streams.prediction_record import (
+    H_SOURCE,
     INVALID_EVENT,
     MODEL_ERROR,
     OVERSIZED,
     UNDECODABLE,
     Prediction,
+    batch_headers,
     dead_letter_headers,
     encode_prediction,
-    prediction_headers,
 )
 
 
@@ -58,12 +66,57 @@ class InputEvent:
     timestamp_ms: int = 0
 
 
-@dataclass(frozen=True)
-class OutputRecord:
+class OutputRecord(NamedTuple):
     topic: str
     key: bytes | None
     value: bytes | None
     headers: Headers
+
+
+@dataclass(frozen=True)
+class InputBatch:
+    """A micro-batch as columns; `headers_of(i)` is asked only for the events dead-lettered."""
+
+    topic: str
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    partitions: list[int]
+    offsets: list[int]
+    timestamps: list[int]  # record timestamps, epoch ms (end-to-end latency is measured from them)
+    headers_of: Callable[[int], Headers | None]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def of_messages(cls, topic: str, messages: Sequence[Message]) -> InputBatch:
+        """One pass over consumed messages (all of `topic`)."""
+        keys: list[bytes | None] = []
+        values: list[bytes | None] = []
+        partitions: list[int] = []
+        offsets: list[int] = []
+        timestamps: list[int] = []
+        for m in messages:
+            keys.append(m.key())
+            values.append(m.value())
+            partitions.append(m.partition())  # pyright: ignore[reportArgumentType] - consumed
+            offsets.append(m.offset())  # pyright: ignore[reportArgumentType]
+            timestamps.append(m.timestamp()[1])
+        return cls(
+            topic, keys, values, partitions, offsets, timestamps, lambda i: headers(messages[i])
+        )
+
+    @classmethod
+    def of_events(cls, events: Sequence[InputEvent]) -> InputBatch:
+        return cls(
+            events[0].topic if events else "",
+            [e.key for e in events],
+            [e.value for e in events],
+            [e.partition for e in events],
+            [e.offset for e in events],
+            [e.timestamp_ms for e in events],
+            lambda i: events[i].headers,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +146,8 @@ class BatchResult:
     dead_letters: dict[str, int] = field(default_factory=dict)  # error class -> count
     keyless: int = 0
     shadow_errors: int = 0
+    # Live variant -> the input timestamps (epoch ms) of the events it answered.
+    served_timestamps: dict[str, list[int]] = field(default_factory=dict)
 
 
 def build_state(
@@ -132,8 +187,18 @@ def _error_class(reason: str) -> str:
 
 def _scores_with_bisection(
     model: ScoringModel, features: np.ndarray, rows: np.ndarray
-) -> tuple[dict[int, Any], dict[int, str]]:
-    """Scores per row; rows whose scoring raises (isolated by bisection) map to their error."""
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Scores of `rows` (aligned), whether each was scored, and the rows whose scoring raises.
+
+    One call for the whole batch; only when it raises (or returns non-finite scores) is the batch
+    bisected down to the rows that make it raise.
+    """
+    try:
+        scores = np.asarray(model.scores(features[rows]))
+        if len(scores) == len(rows) and np.all(np.isfinite(scores)):
+            return scores, np.ones(len(rows), dtype=bool), {}
+    except Exception:  # noqa: S110 - isolated row by row below
+        pass
     scored: dict[int, Any] = {}
     failed: dict[int, str] = {}
 
@@ -141,8 +206,8 @@ def _scores_with_bisection(
         if len(part) == 0:
             return
         try:
-            scores = np.asarray(model.scores(features[part]))
-            if len(scores) != len(part) or not np.all(np.isfinite(scores)):
+            part_scores = np.asarray(model.scores(features[part]))
+            if len(part_scores) != len(part) or not np.all(np.isfinite(part_scores)):
                 raise ValueError("the model returned missing or non-finite scores")
         except Exception as exc:
             if len(part) == 1:
@@ -152,187 +217,280 @@ def _scores_with_bisection(
             attempt(part[:middle])
             attempt(part[middle:])
             return
-        for row, score in zip(part.tolist(), scores, strict=True):
+        for row, score in zip(part.tolist(), part_scores, strict=True):
             scored[row] = score
 
     attempt(rows)
-    return scored, failed
+    ok = np.fromiter((int(r) in scored for r in rows), dtype=bool, count=len(rows))
+    if not ok.any():
+        return np.empty(0), ok, failed
+    scores = np.asarray([scored[int(r)] for r in rows[ok]])
+    full = np.zeros((len(rows), *scores.shape[1:]), dtype=scores.dtype)
+    full[ok] = scores
+    return full, ok, failed
+
+
+@dataclass
+class _Decoded:
+    """One schema's decode of the batch: rows, and for each batch index its row (-1: bad)."""
+
+    events: DecodedEvents
+    row_of: np.ndarray  # batch index -> row
+    index_of: np.ndarray  # row -> batch index
+    bad: dict[int, str]  # batch index -> reason
+    matrix: np.ndarray | None = None
+
+    def features(self, spec: FeatureSpec) -> np.ndarray:
+        if self.matrix is None:
+            self.matrix = spec.transform(self.events)
+        return self.matrix
 
 
 def score_batch(
     state: ServingState,
-    events: Sequence[InputEvent],
+    batch: InputBatch | Sequence[InputEvent],
     *,
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> BatchResult:
-    """Score `events` with `state`; returns predictions and dead letters to produce."""
+    """Score `batch` with `state`; returns predictions and dead letters to produce."""
     started = time.perf_counter()
+    if not isinstance(batch, InputBatch):
+        batch = InputBatch.of_events(batch)
     result = BatchResult()
     deployment = state.deployment
-    assert deployment.output_topic is not None
+    n = len(batch)
+    if n == 0:
+        return result
 
-    def dead_letter(event: InputEvent, error_class: str, message: str) -> None:
+    def dead_letter(i: int, error_class: str, message: str) -> None:
         result.dead_letters[error_class] = result.dead_letters.get(error_class, 0) + 1
         result.records.append(
             OutputRecord(
                 state.dead_letter_topic,
-                event.key,
-                event.value,
+                batch.keys[i],
+                batch.values[i],
                 dead_letter_headers(
-                    event.headers,
+                    batch.headers_of(i),
                     error_class=error_class,
                     message=message,
                     deployment=deployment.name,
-                    topic=event.topic,
-                    partition=event.partition,
-                    offset=event.offset,
+                    topic=batch.topic,
+                    partition=batch.partitions[i],
+                    offset=batch.offsets[i],
                 ),
             )
         )
 
-    candidates: list[InputEvent] = []
-    for event in events:
-        size = len(event.value) if event.value is not None else 0
-        if size > state.max_event_bytes:
-            dead_letter(event, OVERSIZED, f"{size} bytes > {state.max_event_bytes}")
-        else:
-            candidates.append(event)
-    if not candidates:
-        return result
+    values = batch.values
+    limit = state.max_event_bytes
+    candidates: list[int] | None = None  # None: every event
+    if any(v is not None and len(v) > limit for v in values):
+        candidates = []
+        for i, v in enumerate(values):
+            size = len(v) if v is not None else 0
+            if size > limit:
+                dead_letter(i, OVERSIZED, f"{size} bytes > {limit}")
+            else:
+                candidates.append(i)
+        if not candidates:
+            return result
 
-    # Decode once per distinct schema (variants normally share one).
-    decoded_by_schema: dict[Any, DecodedEvents] = {}
-    row_by_schema: dict[Any, dict[tuple[int, int], int]] = {}
-    bad_by_schema: dict[Any, dict[tuple[int, int], str]] = {}
-    values = [e.value for e in candidates]
-    partitions = [e.partition for e in candidates]
-    offsets = [e.offset for e in candidates]
+    # Decode once per distinct schema (variants normally share one); positions are batch indexes.
+    decoded: dict[Any, _Decoded] = {}
     for runtime in (*state.live, *state.shadows):
         schema = runtime.feature_spec.schema
-        if schema in decoded_by_schema:
-            continue
-        decoder = EventDecoder(schema, training=False, max_bad_samples=len(candidates))
-        decoder.add_batch(values, partitions, offsets)
-        decoded = decoder.result()
-        decoded_by_schema[schema] = decoded
-        row_by_schema[schema] = {
-            (int(p), int(o)): i
-            for i, (p, o) in enumerate(zip(decoded.partitions, decoded.offsets, strict=True))
-        }
-        bad_by_schema[schema] = {
-            (s["partition"], s["offset"]): s["reason"] for s in decoded.bad.samples
-        }
+        if schema not in decoded:
+            decoded[schema] = _decode(schema, values, candidates, n)
 
-    routing_schema = state.live[0].feature_spec.schema
-    routing_rows = row_by_schema[routing_schema]
-    routing_keys = decoded_by_schema[routing_schema].keys
+    routing = decoded[state.live[0].feature_spec.schema]
+    for i, reason in routing.bad.items():
+        dead_letter(i, _error_class(reason), reason)
+    keys = routing.events.keys
+    rows = np.arange(len(keys))
+    result.keyless = sum(1 for k in keys if k is None)
 
-    # Route every decodable event to its live variant.
-    assigned: list[list[tuple[InputEvent, str | None, int]]] = [[] for _ in state.live]
-    shadow_candidates: list[tuple[InputEvent, str | None, str]] = []
-    for event in candidates:
-        position = (event.partition, event.offset)
-        row = routing_rows.get(position)
-        if row is None:
-            reason = bad_by_schema[routing_schema].get(position, "could not be decoded")
-            dead_letter(event, _error_class(reason), reason)
-            continue
-        key = routing_keys[row]
-        if key is None:
-            result.keyless += 1
-        route = routing_key(key, event.partition, event.offset)
-        index = state.splitter.choose_index([bucket_of(deployment.salt, route)])[0]
-        assigned[index].append((event, key, row))
-        if state.shadows:
-            shadow_candidates.append((event, key, route))
+    # Every routable row gets its live variant; shadows see the same rows.
+    if len(state.live) == 1:
+        assignment = [rows]
+        route_keys: list[str] | None = None
+    else:
+        route_keys = _route_keys(keys, routing.index_of, batch)
+        chosen = state.splitter.choose_indexes(state.splitter.buckets(route_keys))
+        assignment = [rows[chosen == v] for v in range(len(state.live))]
 
-    for runtime, batch in zip(state.live, assigned, strict=True):
-        if not batch:
-            continue
-        schema = runtime.feature_spec.schema
-        own_rows = row_by_schema[schema]
-        usable: list[tuple[InputEvent, str | None, int]] = []
-        for event, key, _ in batch:
-            row = own_rows.get((event.partition, event.offset))
-            if row is None:
-                reason = bad_by_schema[schema].get((event.partition, event.offset), "invalid")
-                dead_letter(event, _error_class(reason), reason)
-            else:
-                usable.append((event, key, row))
-        if not usable:
-            continue
-        matrix = runtime.feature_spec.transform(decoded_by_schema[schema])
-        rows = np.fromiter((row for _, _, row in usable), dtype=np.int64, count=len(usable))
-        scored, failed = _scores_with_bisection(runtime.model, matrix, rows)
-        latency_ms = (time.perf_counter() - started) * 1000
-        _emit(state, runtime, usable, scored, failed, result, latency_ms, now_ms(), shadow=False)
-        for event, _, row in usable:
-            if row in failed:
-                dead_letter(event, MODEL_ERROR, failed[row])
-
+    scored_at = now_ms()
+    for runtime, routed in zip(state.live, assignment, strict=True):
+        if len(routed):
+            _score_variant(
+                state,
+                runtime,
+                routing,
+                routed,
+                decoded,
+                batch,
+                result,
+                started,
+                scored_at,
+                dead_letter,
+                shadow=False,
+            )
     for runtime in state.shadows:
-        schema = runtime.feature_spec.schema
-        own_rows = row_by_schema[schema]
-        chosen = [
-            (event, key, own_rows[(event.partition, event.offset)])
-            for event, key, route in shadow_candidates
-            if (event.partition, event.offset) in own_rows
-            and state.splitter.shadow_scores(runtime.spec, route)
-        ]
-        if not chosen:
-            continue
-        matrix = runtime.feature_spec.transform(decoded_by_schema[schema])
-        rows = np.fromiter((row for _, _, row in chosen), dtype=np.int64, count=len(chosen))
-        scored, failed = _scores_with_bisection(runtime.model, matrix, rows)
-        result.shadow_errors += len(failed)
-        latency_ms = (time.perf_counter() - started) * 1000
-        _emit(state, runtime, chosen, scored, {}, result, latency_ms, now_ms(), shadow=True)
+        spec = runtime.spec
+        if spec.shadow_sample_pct is None or spec.shadow_sample_pct >= 100:
+            sampled = rows
+        else:
+            if route_keys is None:
+                route_keys = _route_keys(keys, routing.index_of, batch)
+            shadow_scores = state.splitter.shadow_scores
+            sampled = rows[
+                np.fromiter(
+                    (shadow_scores(spec, k) for k in route_keys), dtype=bool, count=len(rows)
+                )
+            ]
+        if len(sampled):
+            _score_variant(
+                state,
+                runtime,
+                routing,
+                sampled,
+                decoded,
+                batch,
+                result,
+                started,
+                scored_at,
+                dead_letter,
+                shadow=True,
+            )
     return result
 
 
-def _emit(
+def _decode(
+    schema: Any, values: list[bytes | None], candidates: list[int] | None, n: int
+) -> _Decoded:
+    decoder = EventDecoder(schema, training=False, max_bad_samples=n)
+    if candidates is None:
+        decoder.add_batch(values, [0] * n, range(n))
+    else:
+        decoder.add_batch([values[i] for i in candidates], [0] * len(candidates), candidates)
+    events = decoder.result()
+    index_of = events.offsets
+    row_of = np.full(n, -1, dtype=np.int64)
+    row_of[index_of] = np.arange(len(index_of))
+    bad = {int(s["offset"]): str(s["reason"]) for s in events.bad.samples}
+    return _Decoded(events, row_of, index_of, bad)
+
+
+def _route_keys(keys: list[str | None], index_of: np.ndarray, batch: InputBatch) -> list[str]:
+    """The splitting key per row: the entity key, or the event's position when it has none."""
+    if all(k is not None for k in keys):
+        return keys  # type: ignore[return-value]
+    return [
+        routing_key(k, batch.partitions[i], batch.offsets[i])
+        for k, i in zip(keys, index_of.tolist(), strict=True)
+    ]
+
+
+def _score_variant(
     state: ServingState,
     runtime: VariantRuntime,
-    batch: list[tuple[InputEvent, str | None, int]],
-    scored: dict[int, Any],
-    failed: dict[int, str],
+    routing: _Decoded,
+    routed: np.ndarray,
+    decoded: dict[Any, _Decoded],
+    batch: InputBatch,
     result: BatchResult,
-    latency_ms: float,
-    now: int,
+    started: float,
+    scored_at: int,
+    dead_letter: Callable[[int, str, str], None],
     *,
     shadow: bool,
 ) -> None:
-    ok = [(event, key, row) for event, key, row in batch if row in scored]
-    if not ok:
+    """Score the routing rows `routed` with one variant and append its records."""
+    own = decoded[runtime.feature_spec.schema]
+    indexes = routing.index_of[routed]  # batch indexes
+    if own is routing:
+        own_rows = routed
+    else:  # another schema: rows it could not decode are dead letters (live) or skipped (shadow)
+        own_rows = own.row_of[indexes]
+        usable = own_rows >= 0
+        if not usable.all():
+            if not shadow:
+                for i in indexes[~usable].tolist():
+                    reason = own.bad.get(i, "invalid")
+                    dead_letter(i, _error_class(reason), reason)
+            own_rows, indexes, routed = own_rows[usable], indexes[usable], routed[usable]
+        if not len(own_rows):
+            return
+    scores, ok, failed = _scores_with_bisection(
+        runtime.model, own.features(runtime.feature_spec), own_rows
+    )
+    if failed:
+        if shadow:
+            result.shadow_errors += len(failed)
+        else:
+            for row, message in failed.items():
+                dead_letter(int(own.index_of[row]), MODEL_ERROR, message)
+    if not ok.all():
+        scores, indexes, routed = scores[ok], indexes[ok], routed[ok]
+    if not len(indexes):
         return
-    scores = np.asarray([scored[row] for _, _, row in ok])
     labels = runtime.model.labels(scores)
     deployment = state.deployment
     assert deployment.output_topic is not None
     counter = result.shadowed if shadow else result.served
-    counter[runtime.spec.name] = counter.get(runtime.spec.name, 0) + len(ok)
-    for (event, key, _), score, label in zip(ok, scores, labels, strict=True):
+    counter[runtime.spec.name] = counter.get(runtime.spec.name, 0) + len(indexes)
+    index_list = indexes.tolist()
+    if not shadow:
+        times = batch.timestamps
+        result.served_timestamps.setdefault(runtime.spec.name, []).extend(
+            times[i] for i in index_list
+        )
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    constant = batch_headers(
+        deployment.name,
+        deployment.revision,
+        runtime.spec.name,
+        f"{runtime.spec.model_name}/{runtime.spec.model_version}",
+        shadow,
+    )
+    name, revision, variant = deployment.name, deployment.revision, runtime.spec.name
+    model, version = runtime.spec.model_name, runtime.spec.model_version
+    topic, output = batch.topic, deployment.output_topic
+    topic_bytes = topic.encode()
+    append = result.records.append
+    encode = encode_prediction
+    keys, partitions, offsets, kafka_keys = (
+        routing.events.keys,
+        batch.partitions,
+        batch.offsets,
+        batch.keys,
+    )
+    for row, i, score, label in zip(
+        routed.tolist(), index_list, scores.tolist(), labels, strict=True
+    ):
+        key = keys[row]
+        partition, offset = partitions[i], offsets[i]
         prediction = Prediction(
             key=key,
-            topic=event.topic,
-            partition=event.partition,
-            offset=event.offset,
-            deployment=deployment.name,
-            revision=deployment.revision,
-            variant=runtime.spec.name,
-            model=runtime.spec.model_name,
-            model_version=runtime.spec.model_version,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            deployment=name,
+            revision=revision,
+            variant=variant,
+            model=model,
+            model_version=version,
             shadow=shadow,
-            score=score.tolist() if isinstance(score, np.ndarray) else float(score),
+            score=score,
             label=label.item() if isinstance(label, np.generic) else label,
-            latency_ms=round(latency_ms, 3),
-            scored_at_ms=now,
+            latency_ms=latency_ms,
+            scored_at_ms=scored_at,
         )
-        result.records.append(
+        kafka_key = kafka_keys[i]
+        append(
             OutputRecord(
-                deployment.output_topic,
-                event.key if event.key is not None else (key.encode() if key else None),
-                encode_prediction(prediction),
-                prediction_headers(prediction),
+                output,
+                kafka_key if kafka_key is not None else (key.encode() if key else None),
+                encode(prediction),
+                [*constant, (H_SOURCE, b"%s/%d/%d" % (topic_bytes, partition, offset))],
             )
         )

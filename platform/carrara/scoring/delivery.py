@@ -1,14 +1,20 @@
-"""Delivering one scored micro-batch to Kafka, in either delivery mode, through a broker outage.
+"""Delivering scored micro-batches to Kafka, in either delivery mode, through a broker outage.
+
+A delivery is split in two so the scoring loop overlaps it with the next batch: `start` queues
+the batch's records (and in exactly-once mode opens its transaction) and sends the commit to the
+client's worker thread (`CallGuard.submit`); while the commit is in flight the loop consumes and
+scores the next batch; `finish` then waits for the commit. Only one delivery is in flight at a
+time, so outputs and offsets commit in order and neither guarantee is weakened.
 
 - exactly once: the batch's predictions, dead letters and input offsets are committed in one
   Kafka transaction. A retriable error (broker unreachable, request timed out) retries the same
   step with backoff; an abortable error aborts the transaction and rewinds the consumer to the
-  last committed offsets, so the batch is scored again; a fatal error (fenced, transactional state
-  lost) or a call that hangs past its deadline raises `ClientBroken`: the runner rebuilds both
-  clients and resumes from the committed offsets.
+  last committed offsets (the batch in flight and the one scored meanwhile are scored again);
+  a fatal error (fenced, transactional state lost) or a call that hangs past its deadline raises
+  `ClientBroken`: the runner rebuilds both clients and resumes from the committed offsets.
 - at least once: outputs are produced and flushed (with a deadline), and the input offsets are
-  committed only after every output was acknowledged; a failure rewinds to the batch's first
-  offsets and the batch is delivered again (duplicates are allowed in this mode, losses are not).
+  committed only after every output was acknowledged; a failure rewinds to the first offsets of
+  what was consumed since and it is delivered again (duplicates are allowed here, losses are not).
 
 Every blocking call has a deadline (`CallGuard`); none waits forever.
 """
@@ -16,8 +22,9 @@ Every blocking call has a deadline (`CallGuard`); none waits forever.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -30,6 +37,7 @@ from carrara.streams.resilience import (
     ClientBroken,
     ClientHung,
     LoopHealth,
+    Pending,
     classify,
 )
 
@@ -38,6 +46,17 @@ log = structlog.get_logger(__name__)
 
 class Redeliver(Exception):
     """The batch was not delivered and the consumer was rewound: score it again."""
+
+
+@dataclass
+class InFlight:
+    """A delivery whose commit runs on the client's worker thread."""
+
+    batch: list[Message]
+    offsets: list[TopicPartition]
+    commit: Pending[Any]
+    stage: list[str]  # the step the worker reached (for a retry to resume there)
+    failures: list[str]  # at least once: delivery reports with an error
 
 
 class Delivery:
@@ -63,44 +82,90 @@ class Delivery:
         self.stop = stop
 
     def deliver(self, records: list[OutputRecord], batch: list[Message]) -> None:
-        """Deliver `records` and commit `batch`'s offsets; `Redeliver` or `ClientBroken` if not."""
+        """Deliver one batch and wait for its commit (`start` + `finish`)."""
+        self.finish(self.start(records, batch))
+
+    def start(self, records: list[OutputRecord], batch: list[Message]) -> InFlight:
+        """Queue `records` and send the commit of `batch`'s offsets to the worker thread."""
         offsets = next_offsets(batch)
         try:
             if self.exactly_once:
-                self._transaction(records, offsets, batch)
+                return self._start_transaction(records, offsets, batch)
+            return self._start_at_least_once(records, offsets, batch)
+        except ClientHung as exc:
+            self.health.trouble(str(exc), "rebuilt clients")
+            raise ClientBroken(str(exc)) from exc
+
+    def finish(self, flight: InFlight, consumed_since: Sequence[Message] = ()) -> None:
+        """Wait for `flight`'s commit; on failure rewind (`Redeliver`) or rebuild (`ClientBroken`).
+
+        `consumed_since`: messages read after `flight`'s batch and not delivered; a rewind must
+        cover them too.
+        """
+        try:
+            if self.exactly_once:
+                self._finish_transaction(flight, consumed_since)
             else:
-                self._at_least_once(records, offsets, batch)
+                self._finish_at_least_once(flight, consumed_since)
         except ClientHung as exc:
             self.health.trouble(str(exc), "rebuilt clients")
             raise ClientBroken(str(exc)) from exc
 
     # --- exactly once -------------------------------------------------------------------------
 
-    def _transaction(
+    def _start_transaction(
         self, records: list[OutputRecord], offsets: list[TopicPartition], batch: list[Message]
-    ) -> None:
+    ) -> InFlight:
         producer = self.producer
+        metadata = self.consumer.consumer_group_metadata()
+        stage = ["send_offsets_to_transaction"]
+        timeout = self.call_timeout_s
+
+        def commit() -> None:
+            producer.send_offsets_to_transaction(offsets, metadata, timeout)
+            stage[0] = "commit_transaction"
+            producer.commit_transaction(timeout)
+
         try:
             producer.begin_transaction()
             self._produce_all(records, None)
+            pending = self.guard.submit("commit", commit, deadline_s=2 * timeout + 5)
+        except (KafkaException, _QueueFull) as exc:
+            self._after_failed_transaction(exc, batch)
+        return InFlight(batch, offsets, pending, stage, [])
+
+    def _finish_transaction(self, flight: InFlight, consumed_since: Sequence[Message]) -> None:
+        try:
+            try:
+                flight.commit.result()
+            except KafkaException as exc:
+                if classify(exc) != "retry":
+                    raise
+                self._resume_commit(flight, exc)
+        except KafkaException as exc:
+            self._after_failed_transaction(exc, [*flight.batch, *consumed_since])
+
+    def _resume_commit(self, flight: InFlight, first: KafkaException) -> None:
+        """Retry the transactional step that failed with a retriable error, then the rest."""
+        producer, timeout = self.producer, self.call_timeout_s
+        self.health.trouble(f"{flight.stage[0]}: {first}", f"retried {flight.stage[0]}")
+        if flight.stage[0] == "send_offsets_to_transaction":
             metadata = self.consumer.consumer_group_metadata()
             self._with_retries(
                 "send_offsets_to_transaction",
-                lambda: producer.send_offsets_to_transaction(
-                    offsets, metadata, self.call_timeout_s
-                ),
+                lambda: producer.send_offsets_to_transaction(flight.offsets, metadata, timeout),
             )
-            self._with_retries(
-                "commit_transaction", lambda: producer.commit_transaction(self.call_timeout_s)
-            )
-        except (KafkaException, _QueueFull) as exc:
-            remedy = "abort" if isinstance(exc, _QueueFull) else classify(exc)
-            if remedy == "fatal" or remedy == "fail":
-                self.health.trouble(f"producer: {exc}", "rebuilt clients")
-                raise ClientBroken(f"transactional producer unusable: {exc}") from exc
-            self._abort(str(exc))
-            self.rewind_to_committed(batch)
-            raise Redeliver(str(exc)) from exc
+        self._with_retries("commit_transaction", lambda: producer.commit_transaction(timeout))
+
+    def _after_failed_transaction(self, exc: Exception, consumed: Sequence[Message]) -> NoReturn:
+        """Abort and rewind (`Redeliver`), or give the clients up (`ClientBroken`)."""
+        remedy = "abort" if isinstance(exc, _QueueFull) else classify(exc)
+        if remedy in ("fatal", "fail"):
+            self.health.trouble(f"producer: {exc}", "rebuilt clients")
+            raise ClientBroken(f"transactional producer unusable: {exc}") from exc
+        self._abort(str(exc))
+        self.rewind_to_committed(consumed)
+        raise Redeliver(str(exc)) from exc
 
     def _with_retries(self, what: str, call: Callable[[], None]) -> None:
         """Retry a transactional step on retriable errors (the API allows calling it again)."""
@@ -131,9 +196,9 @@ class Delivery:
 
     # --- at least once ------------------------------------------------------------------------
 
-    def _at_least_once(
+    def _start_at_least_once(
         self, records: list[OutputRecord], offsets: list[TopicPartition], batch: list[Message]
-    ) -> None:
+    ) -> InFlight:
         failures: list[str] = []
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -144,54 +209,65 @@ class Delivery:
             self._produce_all(records, on_delivery)
         except _QueueFull as exc:
             failures.append(str(exc))
-        remaining = self.guard.call(
-            "flush", self.producer.flush, self.call_timeout_s, deadline_s=self.call_timeout_s + 5
-        )
-        if remaining or failures:
-            reason = f"{remaining} outputs unacknowledged, {failures[:3]}"
-            self.health.trouble(reason, "redelivered a batch")
-            self.rewind(batch)
-            raise Redeliver(reason)
-        try:
-            self.guard.call(
-                "commit",
-                lambda: self.consumer.commit(offsets=offsets, asynchronous=False),
-                deadline_s=self.call_timeout_s,
-            )
-        except KafkaException as exc:
-            # The outputs are delivered; the next batch's commit covers these offsets too. If the
-            # process dies first, the batch is delivered again (at least once).
-            self.health.trouble(f"commit: {exc}", "commit deferred")
+        producer, consumer, timeout = self.producer, self.consumer, self.call_timeout_s
+        stage = ["flush"]
+
+        def flush_then_commit() -> int:
+            remaining = producer.flush(timeout)
+            if remaining or failures:
+                return remaining or -1
+            stage[0] = "commit"
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                # The outputs are delivered; the next batch's commit covers these offsets too. If
+                # the process dies first, the batch is delivered again (at least once).
+                failures.append(f"commit: {exc}")
+            return 0
+
+        pending = self.guard.submit("flush", flush_then_commit, deadline_s=2 * timeout + 5)
+        return InFlight(batch, offsets, pending, stage, failures)
+
+    def _finish_at_least_once(self, flight: InFlight, consumed_since: Sequence[Message]) -> None:
+        remaining = flight.commit.result()
+        if flight.stage[0] == "commit":
+            if flight.failures:
+                self.health.trouble(flight.failures[0], "commit deferred")
+            return
+        reason = f"{max(remaining, 0)} outputs unacknowledged, {flight.failures[:3]}"
+        self.health.trouble(reason, "redelivered a batch")
+        self.rewind([*flight.batch, *consumed_since])
+        raise Redeliver(reason)
 
     # --- shared -------------------------------------------------------------------------------
 
     def _produce_all(self, records: list[OutputRecord], callback: Any) -> None:
         """Queue every record; a local queue that stays full past the deadline fails the batch."""
         producer = self.producer
-        deadline = time.monotonic() + self.call_timeout_s
-        for record in records:
-            while True:
-                try:
-                    producer.produce(
-                        record.topic,
-                        key=record.key,
-                        value=record.value,
-                        headers=record.headers,
-                        on_delivery=callback,
-                    )
-                    break
-                except BufferError:  # the local queue is full: let it drain, then retry
+        produce = producer.produce
+        for topic, key, value, headers in records:
+            try:
+                produce(topic, value, key, headers=headers, on_delivery=callback)
+            except BufferError:  # the local queue is full: let it drain, then retry
+                deadline = time.monotonic() + self.call_timeout_s
+                while True:
                     if time.monotonic() > deadline or self.stop():
                         raise _QueueFull("the producer queue stayed full") from None
                     producer.poll(0.05)
+                    try:
+                        produce(topic, value, key, headers=headers, on_delivery=callback)
+                        break
+                    except BufferError:
+                        continue
 
-    def rewind_to_committed(self, batch: list[Message]) -> None:
-        """Seek the batch's partitions back to their last committed offsets.
+    def rewind_to_committed(self, consumed: Sequence[Message]) -> None:
+        """Seek the partitions of `consumed` back to their last committed offsets.
 
-        In exactly-once mode those equal the batch's first offsets (each batch commits before the
-        next is read), which is the fallback when the coordinator cannot be asked.
+        In exactly-once mode those equal the first offsets consumed since the last commit (each
+        delivery commits before the next starts), which is the fallback when the coordinator
+        cannot be asked.
         """
-        partitions = sorted({position(m)[:2] for m in batch})
+        partitions = sorted({position(m)[:2] for m in consumed})
         try:
             committed = self.guard.call(
                 "committed",
@@ -202,17 +278,17 @@ class Delivery:
             )
         except KafkaException as exc:
             log.info("committed offsets unavailable; rewinding to the batch start", error=str(exc))
-            self.rewind(batch)
+            self.rewind(consumed)
             return
-        first = first_offsets(batch)
+        first = first_offsets(consumed)
         for tp in committed:
             offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
             self._seek(TopicPartition(tp.topic, tp.partition, offset))
         self.health.trouble("rewound to the committed offsets", "rewound")
 
-    def rewind(self, batch: list[Message]) -> None:
-        """Seek back to the first offset of the batch per partition, to process it again."""
-        for (topic, partition), offset in first_offsets(batch).items():
+    def rewind(self, consumed: Sequence[Message]) -> None:
+        """Seek back to the first offset of `consumed` per partition, to process it again."""
+        for (topic, partition), offset in first_offsets(consumed).items():
             self._seek(TopicPartition(topic, partition, offset))
 
     def _seek(self, tp: TopicPartition) -> None:
@@ -227,18 +303,19 @@ class _QueueFull(Exception):
     pass
 
 
-def first_offsets(batch: list[Message]) -> dict[tuple[str, int], int]:
+def first_offsets(batch: Sequence[Message]) -> dict[tuple[str, int], int]:
     first: dict[tuple[str, int], int] = {}
     for m in batch:
-        position = (str(m.topic()), int(m.partition() or 0))
-        offset = int(m.offset() or 0)
-        first[position] = min(first.get(position, offset), offset)
+        topic, partition, offset = position(m)
+        key = (topic, partition)
+        first[key] = min(first.get(key, offset), offset)
     return first
 
 
-def next_offsets(batch: list[Message]) -> list[TopicPartition]:
+def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
     last: dict[tuple[str, int], int] = {}
     for m in batch:
-        position = (str(m.topic()), int(m.partition() or 0))
-        last[position] = max(last.get(position, -1), int(m.offset() or 0))
+        topic, partition, offset = position(m)
+        key = (topic, partition)
+        last[key] = max(last.get(key, -1), offset)
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]

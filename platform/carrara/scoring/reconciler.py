@@ -178,7 +178,11 @@ class Reconciler:
             self._publish_status()
             while not self.stop_event.is_set():
                 self._beat = time.monotonic()
-                for message in consumer.consume(100, timeout=0.5):
+                # A revision is applied the moment it arrives: `poll` returns on the first record
+                # (`consume(n, timeout)` would wait for n records or the whole timeout).
+                first = consumer.poll(0.5)
+                polled = [first, *consumer.consume(99, timeout=0)] if first is not None else []
+                for message in polled:
                     if message.error() is None:
                         spec = self._accept(message)
                         if spec is not None:

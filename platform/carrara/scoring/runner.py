@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -33,10 +34,9 @@ from confluent_kafka.admin import (
 )
 
 from carrara.scoring import metrics
-from carrara.scoring.batch import BatchResult, InputEvent, ServingState, score_batch
-from carrara.scoring.delivery import Delivery, Redeliver
+from carrara.scoring.batch import BatchResult, InputBatch, ServingState, score_batch
+from carrara.scoring.delivery import Delivery, InFlight, Redeliver
 from carrara.settings import Settings
-from carrara.streams import consumed
 from carrara.streams.client_config import admin_config, consumer_config, producer_config
 from carrara.streams.resilience import (
     Backoff,
@@ -49,6 +49,19 @@ from carrara.streams.resilience import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Scored:
+    result: BatchResult
+    started: float  # perf_counter when scoring began
+
+
+@dataclass
+class _Flight:
+    pending: InFlight
+    result: BatchResult
+    started: float
 
 
 def dead_letter_topic(input_topic: str) -> str:
@@ -79,6 +92,7 @@ class DeploymentRunner:
             "scorer", settings.stall_timeout_s, deployment=self.name, instance=instance_id
         )
         self._last_idle_check = 0.0
+        self._flight: _Flight | None = None  # the delivery whose commit is in flight
         self._thread = threading.Thread(target=self._run, name=f"scorer-{self.name}", daemon=True)
         metrics.REVISION.labels(self.name).set(state.deployment.revision)
 
@@ -166,7 +180,9 @@ class DeploymentRunner:
         try:
             if self.exactly_once:
                 self._init_transactions(producer, guard)
-            consumer.subscribe([self.input_topic], on_assign=self._on_assign)
+            consumer.subscribe(
+                [self.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
             delivery = Delivery(
                 consumer=consumer,
                 producer=producer,
@@ -179,20 +195,37 @@ class DeploymentRunner:
             redeliver = Backoff(initial_s=0.1, cap_s=5.0)
             last_lag = 0.0
             while not self.stop_event.is_set():
-                batch = self._collect(consumer)
-                if batch:
-                    if self._process(batch, delivery):
-                        redeliver.reset()
-                        backoff.reset()
-                    else:
+                # Idle: wait for the next event. A commit in flight: take only what is there.
+                messages = self._collect(consumer, 0.1 if self._flight is None else 0.0)
+                flight = self._flight
+                if not messages and flight is not None and not flight.pending.commit.wait(0.005):
+                    continue  # the commit is still running and nothing new came: look again
+                scored = self._score(messages) if messages else None
+                if flight is not None:  # the previous batch's commit, overlapped with scoring
+                    self._flight = None
+                    if not self._finish(flight, delivery, messages):
                         self.stop_event.wait(redeliver.next_delay())
-                else:
+                        continue  # rewound: `messages` will be consumed (and scored) again
+                    redeliver.reset()
+                    backoff.reset()
+                if scored is not None:
+                    try:
+                        pending = delivery.start(scored.result.records, messages)
+                        self._flight = _Flight(pending, scored.result, scored.started)
+                    except Redeliver as exc:
+                        log.info("batch not delivered; it will be scored again", reason=str(exc))
+                        self.stop_event.wait(redeliver.next_delay())
+                elif self._flight is None:
                     self._confirm_idle(consumer)
                 if time.monotonic() - last_lag > 5:
                     last_lag = time.monotonic()
                     self._report_lag(consumer)
+            if self._flight is not None:  # stopping: commit the batch in hand
+                flight, self._flight = self._flight, None
+                self._finish(flight, delivery, [])
             clean = True
         finally:
+            self._flight = None
             self._close(consumer, producer, guard, clean)
 
     def _init_transactions(self, producer: Producer, guard: CallGuard) -> None:
@@ -214,17 +247,28 @@ class DeploymentRunner:
                 self.stop_event.wait(retry.next_delay())
 
     def _close(self, consumer: Consumer, producer: Producer, guard: CallGuard, clean: bool) -> None:
-        """Close both clients within deadlines (a hung client is abandoned, never waited on)."""
+        """Close both clients within deadlines (a hung client is abandoned, never waited on).
+
+        The consumer is closed on a worker of its own: the producer's may be stuck in a hung
+        call, and a consumer left open would stay in the group holding its partitions (its
+        heartbeats go on) until `max.poll.interval.ms` expires.
+        """
         timeout = self.settings.kafka_call_timeout_s
         try:
             if clean:
                 guard.call("flush", producer.flush, 10, deadline_s=15)
-            # Leaves the group now, so the partitions move without waiting for the session.
-            guard.call("close", consumer.close, deadline_s=timeout)
         except (ClientHung, KafkaException, RuntimeError) as exc:
-            log.error("could not close the scorer's clients; abandoning them", error=str(exc))
+            log.error("could not flush the scorer's producer; abandoning it", error=str(exc))
         finally:
             guard.close()
+        closer = CallGuard(f"close-{self.name}")
+        try:
+            # Leaves the group now, so the partitions move without waiting for the session.
+            closer.call("close", consumer.close, deadline_s=timeout)
+        except (ClientHung, KafkaException, RuntimeError) as exc:
+            log.error("could not close the scorer's consumer; abandoning it", error=str(exc))
+        finally:
+            closer.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions this deployment never committed start at the deployment's publication.
@@ -266,23 +310,21 @@ class DeploymentRunner:
             for tp, future in futures.items()
         }
 
-    def _collect(self, consumer: Consumer) -> list[Message]:
-        """Up to `scorer_batch_size` messages: wait briefly for the first, then `scorer_batch_ms`.
+    def _collect(self, consumer: Consumer, wait_s: float) -> list[Message]:
+        """What is there now: wait up to `wait_s` for a first event, then take (without
+        waiting) every event already fetched, up to `scorer_batch_size`.
 
-        `consume(n, timeout)` returns early only when n messages are there, so the window is
-        bounded explicitly (measured: a 50 ms floor per call otherwise raised p50 latency).
+        Batches are adaptive: one event when the input is idle (scored at once, no window to
+        fill), larger ones when events queue up behind a commit in flight or a backlog.
         """
-        size, window = self.settings.scorer_batch_size, self.settings.scorer_batch_ms / 1000
-        messages = self._good(consumer.consume(size, timeout=0.1))
-        if not messages:
-            return messages
-        deadline = time.monotonic() + window
-        while len(messages) < size and not self.stop_event.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            messages.extend(self._good(consumer.consume(size - len(messages), timeout=remaining)))
-        return messages
+        first = consumer.poll(wait_s)
+        if first is None:
+            return []
+        polled = [first]
+        size = self.settings.scorer_batch_size
+        if size > 1:
+            polled.extend(consumer.consume(size - 1, timeout=0))
+        return self._good(polled)
 
     def _good(self, polled: list[Message]) -> list[Message]:
         good = []
@@ -306,25 +348,32 @@ class DeploymentRunner:
                 )
             return self._state
 
-    def _process(self, batch: list[Message], delivery: Delivery) -> bool:
-        """Score and deliver one batch; False when it must be consumed again (rewound)."""
+    def _score(self, messages: list[Message]) -> _Scored:
         started = time.perf_counter()
         state = self._current()
-        events = [
-            InputEvent(
-                m.key(), m.value(), consumed.headers(m), *consumed.position(m), m.timestamp()[1]
-            )
-            for m in batch
-        ]
-        result = score_batch(state, events)
+        result = score_batch(state, InputBatch.of_messages(self.input_topic, messages))
+        return _Scored(result, started)
+
+    def _finish(self, flight: _Flight, delivery: Delivery, consumed_since: list[Message]) -> bool:
+        """Wait for `flight`'s commit; count it. False when it was rewound (score it again)."""
         try:
-            delivery.deliver(result.records, batch)
+            delivery.finish(flight.pending, consumed_since)
         except Redeliver as exc:
             log.info("batch not delivered; it will be scored again", reason=str(exc)[:300])
             return False
-        self._count(result, len(batch), time.perf_counter() - started)
+        self._count(flight.result, len(flight.pending.batch), time.perf_counter() - flight.started)
         self.health.progress()
         return True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Let the commit in flight land before the partitions move (bounded by its deadline).
+
+        Its outcome is read by the loop; a batch scored for a revoked partition fails its commit
+        (the group generation moved on), is aborted and never written twice.
+        """
+        flight = self._flight
+        if flight is not None:
+            flight.pending.commit.wait(self.settings.kafka_call_timeout_s)
 
     def _confirm_idle(self, consumer: Consumer) -> None:
         """Nothing consumed: if the broker confirms every assigned partition is read to its end,
@@ -341,6 +390,9 @@ class DeploymentRunner:
     def _count(self, result: BatchResult, consumed: int, seconds: float) -> None:
         metrics.EVENTS_IN.labels(self.name).inc(consumed)
         metrics.BATCH_SECONDS.labels(self.name).observe(seconds)
+        now_ms = time.time() * 1000
+        for variant, timestamps in result.served_timestamps.items():
+            metrics.END_TO_END.observe_ms(self.name, variant, now_ms, timestamps)
         for variant, count in result.served.items():
             metrics.PREDICTIONS.labels(self.name, variant, "false").inc(count)
         for variant, count in result.shadowed.items():

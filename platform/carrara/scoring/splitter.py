@@ -13,6 +13,8 @@ import bisect
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
+
 from carrara.streams.deployment_spec import VariantSpec
 
 BUCKETS = 10_000
@@ -43,6 +45,7 @@ class Splitter:
         for variant in self.live:
             total += variant.weight * (BUCKETS // 100)
             self._upper.append(total)
+        self._upper_array = np.asarray(self._upper, dtype=np.int64)
 
     def choose(self, key: str) -> VariantSpec:
         """The live variant that serves `key`."""
@@ -52,6 +55,23 @@ class Splitter:
         """Indexes into `live` for precomputed buckets (the batch path)."""
         upper = self._upper
         return [bisect.bisect_right(upper, b) for b in buckets]
+
+    def buckets(self, keys: Sequence[str]) -> np.ndarray:
+        """`bucket_of(salt, key)` for a batch of keys (one digest per key, nothing else)."""
+        prefix = f"{self.salt}\x00".encode()
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        return np.fromiter(
+            (
+                from_bytes(blake2b(prefix + k.encode(), digest_size=8).digest(), "big") % BUCKETS
+                for k in keys
+            ),
+            dtype=np.int64,
+            count=len(keys),
+        )
+
+    def choose_indexes(self, buckets: np.ndarray) -> np.ndarray:
+        """Indexes into `live` for a batch of buckets, in one vectorised lookup."""
+        return np.searchsorted(self._upper_array, buckets, side="right")
 
     def shadow_scores(self, variant: VariantSpec, key: str) -> bool:
         """Whether shadow `variant` scores `key` (all keys unless it samples a percentage)."""

@@ -74,6 +74,24 @@ def prediction_headers(prediction: Prediction) -> Headers:
     ]
 
 
+def batch_headers(
+    deployment: str, revision: int, variant: str, model: str, shadow: bool
+) -> Headers:
+    """The headers every prediction of one variant in one batch shares (built once per batch)."""
+    return [
+        (H_DEPLOYMENT, deployment.encode()),
+        (H_REVISION, str(revision).encode()),
+        (H_VARIANT, variant.encode()),
+        (H_MODEL, model.encode()),
+        (H_SHADOW, b"true" if shadow else b"false"),
+    ]
+
+
+def source_header(topic: bytes, partition: int, offset: int) -> tuple[str, bytes]:
+    """Where the scored event came from: `topic/partition/offset`."""
+    return (H_SOURCE, b"%s/%d/%d" % (topic, partition, offset))
+
+
 def dead_letter_headers(
     original: Headers | None,
     *,

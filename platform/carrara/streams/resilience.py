@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException
@@ -82,6 +83,13 @@ class CallGuard:
         self._thread.start()
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, deadline_s: float) -> T:
+        """Run `fn(*args)` and wait for it: its result, its exception, or `ClientHung`."""
+        return self.submit(what, fn, *args, deadline_s=deadline_s).result()
+
+    def submit(self, what: str, fn: Callable[..., T], *args: Any, deadline_s: float) -> Pending[T]:
+        """Start `fn(*args)` on the worker and return at once (the caller does other work
+        meanwhile); `result()` of what it returns waits, within the same deadline.
+        """
         if self._hung is not None:
             raise ClientHung(f"{self.name}: still inside {self._hung}")
         future: Future[T] = Future()
@@ -93,17 +101,14 @@ class CallGuard:
                 future.set_exception(exc)
 
         with self._ready:
+            if self._work is not None:
+                raise RuntimeError(f"{self.name}: a call is already waiting")
             self._work = work
             self._ready.notify()
-        try:
-            return future.result(timeout=deadline_s)
-        except TimeoutError:
-            if future.done():  # finished at the deadline
-                return future.result()
-            self._hung = what
-            raise ClientHung(
-                f"{self.name}: {what} did not return within {deadline_s:g} s"
-            ) from None
+        return Pending(self, what, future, time.monotonic() + deadline_s)
+
+    def _poison(self, what: str) -> None:
+        self._hung = what
 
     def close(self) -> None:
         """Let the worker thread end (unless it is stuck in a hung call: it is abandoned)."""
@@ -120,6 +125,36 @@ class CallGuard:
                     return
                 work, self._work = self._work, None
             work()
+
+
+class Pending(Generic[T]):
+    """A call running on a `CallGuard`'s worker, with its deadline."""
+
+    def __init__(self, guard: CallGuard, what: str, future: Future[T], deadline: float) -> None:
+        self.guard, self.what, self.future, self.deadline = guard, what, future, deadline
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` (never past the deadline); whether it is done."""
+        try:
+            self.future.exception(
+                timeout=max(0.0, min(timeout_s, self.deadline - time.monotonic()))
+            )
+        except TimeoutError:
+            return False
+        return True
+
+    def result(self) -> T:
+        """Its result or exception; `ClientHung` (and the guard poisoned) past the deadline."""
+        try:
+            return self.future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            if self.future.done():
+                return self.future.result()
+            self.guard._poison(self.what)
+            raise ClientHung(f"{self.guard.name}: {self.what} did not return in time") from None
 
 
 class Backoff:
@@ -225,6 +260,8 @@ class LoopHealth:
         also arrive late, after a recovery); a fatal error is trouble the loop acts on.
         """
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            if _some_brokers_up(error.str()):
+                return  # a late report ("0/2 brokers are down"), delivered after a recovery
             with self._lock:
                 self._broker_down = True
             self.trouble(str(error), connection=True)
@@ -279,6 +316,12 @@ class LoopHealth:
                 **self.context,
             )
         return stalled
+
+
+def _some_brokers_up(text: str) -> bool:
+    """librdkafka words it "N/M brokers are down": True when N < M."""
+    match = re.search(r"(\d+)/(\d+) brokers are down", text)
+    return match is not None and int(match.group(1)) < int(match.group(2))
 
 
 def caught_up(consumer: Consumer, topic: str | None = None, timeout_s: float = 1.0) -> bool:
