@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from carrara.settings import get_settings
@@ -18,6 +18,11 @@ from carrara.settings import get_settings
 def make_engine(url: str) -> Engine:
     """An engine with health-checked pooled connections."""
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def libpq_conninfo(url: str) -> str:
+    """A SQLAlchemy database URL as a libpq connection string (for psycopg directly)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @lru_cache

@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         relay = None
+        listener = None
         status_consumer = None
         if settings.outbox_relay_enabled:
             await ensure_deployments_topic(settings)
@@ -118,9 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await ensure_alerts_topic(settings)
             from sqlalchemy.orm import sessionmaker
 
-            from carrara.db import engine_for
+            from carrara.db import engine_for, libpq_conninfo
             from carrara.deployments.status_consumer import StatusConsumer
-            from carrara.outbox.relay import BackgroundRelay, OutboxRelay
+            from carrara.outbox.relay import BackgroundRelay, OutboxListener, OutboxRelay
             from carrara.training.reaper import reap_lost_runs
 
             sessions = sessionmaker(bind=engine_for(settings.database_url))
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stall_after_s=settings.stall_timeout_s,
             )
             relay.start()
+            listener = OutboxListener(libpq_conninfo(settings.database_url))
+            listener.start()
             status_consumer = StatusConsumer(
                 settings.kafka_bootstrap,
                 settings.scorer_status_topic,
@@ -150,6 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 status_consumer.stop()
             if relay is not None:
                 relay.stop()
+            if listener is not None:
+                listener.stop()
 
     app = FastAPI(
         title="Carrara",

@@ -14,12 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import psycopg
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from psycopg import sql
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carrara.models import OutboxMessage
+from carrara.outbox.service import CHANNEL
 from carrara.streams.client_config import producer_config
 from carrara.streams.record_signing import SIGNATURE_HEADER, sign
 from carrara.streams.resilience import Backoff, LoopHealth
@@ -169,6 +172,44 @@ class OutboxRelay:
             errors[row.id] = str(exc)
 
 
+class OutboxListener:
+    """LISTENs for the outbox channel and wakes the relay the moment a writer commits.
+
+    Another API process's commit cannot call `wake()` here; its NOTIFY arrives instead. Without
+    the listener (or while Postgres is away) the relay still polls every second.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="outbox-listen", daemon=True)
+        self.listening = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        backoff = Backoff(initial_s=1.0, cap_s=30.0)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                    self.listening.set()
+                    backoff.reset()
+                    _wakeup.set()  # anything committed while we were not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            _wakeup.set()
+            except psycopg.Error as exc:
+                self.listening.clear()
+                log.debug("outbox listener reconnecting", error=str(exc))
+                self._stop.wait(backoff.next_delay())
+
+
 class BackgroundRelay:
     """Runs the relay in a thread of the API process: on every commit wake-up, else every second."""
 
@@ -178,8 +219,10 @@ class BackgroundRelay:
         session_factory: Callable[[], Session],
         periodic: list[tuple[float, Callable[[Session], int]]] | None = None,
         stall_after_s: float = 60.0,
+        poll_s: float = 1.0,
     ) -> None:
         self._relay = relay
+        self._poll_s = poll_s  # a safety net: commits wake the relay (wake() / NOTIFY)
         self._session_factory = session_factory
         # Other control-plane chores run on the same thread, each every `interval` seconds
         # (e.g. the training reaper); they write outbox rows the relay then delivers.
@@ -201,7 +244,7 @@ class BackgroundRelay:
         backoff = Backoff(initial_s=1.0, cap_s=10.0)
         while not self._stop.is_set():
             self.health.beat()
-            _wakeup.wait(timeout=1.0)
+            _wakeup.wait(timeout=self._poll_s)
             _wakeup.clear()
             try:
                 self._run_periodic()

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from carrara.models import OutboxMessage
 from carrara.settings import get_settings
 
 PENDING_FLAG = "outbox_pending"
+# Postgres channel the relays LISTEN on: a NOTIFY sent in the writing transaction reaches every
+# API process at commit (never before), so a revision is relayed at once, whichever process
+# wrote it.
+CHANNEL = "carrara_outbox"
+
+
+def _pending(session: Session) -> None:
+    if not session.info.get(PENDING_FLAG):
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+    session.info[PENDING_FLAG] = True
 
 
 def enqueue_kafka(
@@ -24,7 +35,7 @@ def enqueue_kafka(
         kind="kafka", destination=topic, key=key, payload=payload, headers=headers or {}
     )
     session.add(message)
-    session.info[PENDING_FLAG] = True
+    _pending(session)
     return message
 
 
@@ -48,5 +59,5 @@ def enqueue_task(
         headers={"queue": queue or get_settings().training_queue},
     )
     session.add(message)
-    session.info[PENDING_FLAG] = True
+    _pending(session)
     return message
