@@ -48,7 +48,7 @@ BIN = Path(sys.executable).parent
 QUEUE = f"carrara-e2e-{RUN_ID}"
 POOL = f"e2e-{RUN_ID}"
 API_ENV = {"CARRARA_TRAINING_QUEUE": QUEUE}
-SCORER_ENV = {"CARRARA_SCORER_BATCH_MS": "20", "CARRARA_SCORER_STATUS_INTERVAL_S": "2"}
+SCORER_ENV = {"CARRARA_SCORER_STATUS_INTERVAL_S": "2"}
 
 
 @pytest.fixture(scope="session")

@@ -351,7 +351,6 @@ def test_exactly_once_scorers_and_the_monitor_ride_out_a_broker_kill_and_a_freez
         "CARRARA_ALERTS_TOPIC": f"outage-{tag}-alerts",
         "CARRARA_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S),
         "CARRARA_KAFKA_CALL_TIMEOUT_S": str(CALL_TIMEOUT_S),
-        "CARRARA_SCORER_BATCH_MS": "20",
     }
     procs = Procs(kafka_env)
     with running_api(test_database_url, f"outage-{tag}", **kafka_env) as api:

@@ -213,7 +213,7 @@ def test_live_metrics_verdict_rollback_drift_and_a_killed_monitor(
     assert response.status_code == 201, response.text
     first_revision = response.json()["revision"]
 
-    env = {"CARRARA_DATABASE_URL": test_database_url, "CARRARA_SCORER_BATCH_MS": "20"}
+    env = {"CARRARA_DATABASE_URL": test_database_url}
     scorer = _process(
         "mon-scorer",
         [

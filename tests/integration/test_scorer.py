@@ -85,7 +85,6 @@ class ScoringEnv:
             **os.environ,
             "CARRARA_DEPLOYMENTS_TOPIC": self.topics["deployments"],
             "CARRARA_SCORER_STATUS_TOPIC": self.topics["status"],
-            "CARRARA_SCORER_BATCH_MS": "20",
             "CARRARA_SCORER_MAX_EVENT_BYTES": "100000",
         }
 

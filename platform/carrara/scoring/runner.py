@@ -37,7 +37,11 @@ from carrara.scoring import metrics
 from carrara.scoring.batch import BatchResult, InputBatch, ServingState, score_batch
 from carrara.scoring.delivery import Delivery, InFlight, Redeliver
 from carrara.settings import Settings
-from carrara.streams.client_config import admin_config, consumer_config, producer_config
+from carrara.streams.client_config import (
+    admin_config,
+    latency_consumer_config,
+    latency_producer_config,
+)
 from carrara.streams.resilience import (
     Backoff,
     CallGuard,
@@ -132,22 +136,24 @@ class DeploymentRunner:
             # A killed scorer's partitions move to the others after this long.
             "session.timeout.ms": s.scorer_session_timeout_ms,
             "heartbeat.interval.ms": max(1000, s.scorer_session_timeout_ms // 5),
-            "fetch.min.bytes": 1,
-            "fetch.wait.max.ms": s.scorer_batch_ms,
         }
         if s.scorer_static_membership:
             # A restarted instance (same id) gets its partitions back without a rebalance.
             config["group.instance.id"] = f"{self.instance_id}.{self.name}"[:249]
         config["error_cb"] = self.health.on_client_error
-        return Consumer(consumer_config(s.kafka_bootstrap, group_id(self.name), s, **config))
+        return Consumer(
+            latency_consumer_config(s.kafka_bootstrap, group_id(self.name), s, **config)
+        )
 
     def _producer(self) -> Producer:
-        config: dict[str, Any] = {"linger.ms": 2, "error_cb": self.health.on_client_error}
+        config: dict[str, Any] = {"error_cb": self.health.on_client_error}
         if self.exactly_once:
             # The same id on every rebuild: the new producer fences the old one and aborts its
             # open transaction, so an abandoned client can never commit.
             config["transactional.id"] = f"carrara-scorer.{self.name}.{self.instance_id}"[:249]
-        return Producer(producer_config(self.settings.kafka_bootstrap, self.settings, **config))
+        return Producer(
+            latency_producer_config(self.settings.kafka_bootstrap, self.settings, **config)
+        )
 
     def _run(self) -> None:
         """Serve until stopped; a broken client is rebuilt after a backoff, never fatal."""

@@ -119,3 +119,33 @@ def consumer_config(
         "isolation.level": "read_committed",
         **overrides,
     }
+
+
+def latency_consumer_config(
+    bootstrap: str, group_id: str, settings: Settings | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """A consumer for a latency-critical loop (the scorer): every fetch returns as soon as one
+    record is there (`fetch.min.bytes` 1), never held by the broker to fill; small fetches.
+
+    `consumer_config`'s throughput settings (1 MB / 50 ms fetches) are right for replay and
+    backfills and wrong here: they made the broker hold each fetch up to 50 ms at 1k events/s.
+    """
+    return consumer_config(
+        bootstrap,
+        group_id,
+        settings,
+        **{
+            "fetch.min.bytes": 1,
+            "fetch.wait.max.ms": 100,  # only how long an idle long-poll waits
+            "max.partition.fetch.bytes": 1_000_000,
+            **overrides,
+        },
+    )
+
+
+def latency_producer_config(
+    bootstrap: str, settings: Settings | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """A producer for a latency-critical loop: no linger (each batch is flushed or committed as
+    soon as it is produced anyway), compression kept."""
+    return producer_config(bootstrap, settings, **{"linger.ms": 0, **overrides})
