@@ -383,6 +383,25 @@ def test_a_deployment_change_under_load_and_a_broken_version(
     ]
     last = [p for p in outputs if p.deployment == name and p.key == "card-300000"]
     assert [p.revision for p in last] == [second.revision]
+
+    # Stopped: its series leave the scorer's /metrics (they would be reported forever).
+    metrics_url = f"http://127.0.0.1:{scoring.ports['scorer-2']}/metrics"
+    assert f'deployment="{name}"' in httpx.get(metrics_url, timeout=5).text
+    scoring.revision += 1
+    stop = DeploymentSpec(
+        name=name,
+        revision=scoring.revision,
+        salt=f"salt-{RUN_ID}",
+        published_at=datetime.now(UTC),
+        stopped=True,
+    )
+    producer = Producer(producer_config(scoring.settings.kafka_bootstrap))
+    producer.produce(scoring.topics["deployments"], key=name, value=encode_spec(stop))
+    assert producer.flush(10) == 0
+    deadline = time.monotonic() + 60
+    while f'deployment="{name}"' in httpx.get(metrics_url, timeout=5).text:
+        assert time.monotonic() < deadline, "the stopped deployment's series stayed"
+        time.sleep(0.3)
     scoring.stop_scorer("scorer-2")
 
 
