@@ -125,11 +125,8 @@ class PredictionReader:
     def __init__(self, bootstrap: str, topic: str, deployment: str) -> None:
         self.topic = topic
         self.deployment = deployment
-        self._consumer = Consumer(
-            consumer_config(
-                bootstrap, f"carrara-demo-reader-{uuid.uuid4().hex[:8]}", **{"fetch.min.bytes": 1}
-            )
-        )
+        group = f"carrara-demo-reader-{uuid.uuid4().hex[:8]}"
+        self._consumer = Consumer({**consumer_config(bootstrap, group), "fetch.min.bytes": 1})
         self._consumer.subscribe([topic])
         self._lock = threading.Lock()
         self._new: list[Prediction] = []
