@@ -74,6 +74,8 @@ class Bench:
     def drop(self, *kinds: str) -> None:
         """Delete topics as soon as they are read (the broker's disk is shared)."""
         names = [self.topics.pop(k) for k in kinds if k in self.topics]
+        # The scorer made a dead-letter topic next to every input topic it served.
+        names += [f"{n}.dead-letters" for n in names if self.admin.partitions(f"{n}.dead-letters")]
         try:
             self.admin.delete_topics(names)
         except Exception as exc:  # best effort: cleanup() retries at the end
