@@ -46,6 +46,8 @@ from tests.integration.conftest import ROOT, RUN_ID, free_port, migrated_databas
 BIN = Path(sys.executable).parent
 TAG = f"sec-{RUN_ID}"
 FEATURES = ("amount", "velocity")
+# Checking a password (PBKDF2) on a loaded 2-core machine can take seconds.
+MLFLOW_TIMEOUT_S = 60
 
 
 @dataclass
@@ -169,27 +171,33 @@ def test_kafka_refuses_clients_without_credentials(secured: Secured) -> None:
 
 def test_mlflow_refuses_requests_without_credentials(secured: Secured) -> None:
     url = f"{secured.settings.mlflow_url}/api/2.0/mlflow/experiments/search"
-    assert httpx.post(url, json={"max_results": 1}, timeout=10).status_code == 401
+    assert httpx.post(url, json={"max_results": 1}, timeout=MLFLOW_TIMEOUT_S).status_code == 401
     control = secured.env("control")
     scorer = secured.env("scorer")
     as_control = (control["MLFLOW_TRACKING_USERNAME"], control["MLFLOW_TRACKING_PASSWORD"])
     as_scorer = (scorer["MLFLOW_TRACKING_USERNAME"], scorer["MLFLOW_TRACKING_PASSWORD"])
-    assert httpx.post(url, json={"max_results": 1}, auth=as_scorer, timeout=10).is_success
+    assert httpx.post(
+        url, json={"max_results": 1}, auth=as_scorer, timeout=MLFLOW_TIMEOUT_S
+    ).is_success
     assert (
-        httpx.post(url, json={"max_results": 1}, auth=("carrara", "wrong"), timeout=10).status_code
+        httpx.post(
+            url, json={"max_results": 1}, auth=("carrara", "wrong"), timeout=MLFLOW_TIMEOUT_S
+        ).status_code
         == 401
     )
 
     # The scorers' account reads only: it cannot change what the service account made.
     create = f"{secured.settings.mlflow_url}/api/2.0/mlflow/experiments/create"
-    made = httpx.post(create, json={"name": f"{TAG}-owned"}, auth=as_control, timeout=10)
+    made = httpx.post(
+        create, json={"name": f"{TAG}-owned"}, auth=as_control, timeout=MLFLOW_TIMEOUT_S
+    )
     assert made.is_success, made.text
     experiment_id = made.json()["experiment_id"]
     rename = httpx.post(
         f"{secured.settings.mlflow_url}/api/2.0/mlflow/experiments/update",
         json={"experiment_id": experiment_id, "new_name": f"{TAG}-taken"},
         auth=as_scorer,
-        timeout=10,
+        timeout=MLFLOW_TIMEOUT_S,
     )
     assert rename.status_code == 403
 
