@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: bootstrap system web test unit lint typecheck format lock audit demo stack-up stack-down stack-status clean
+.PHONY: bootstrap system web helm chart test unit lint typecheck format lock audit demo stack-up stack-down stack-status clean
 
-bootstrap: system $(VENV)/.installed web
+bootstrap: system $(VENV)/.installed web helm
 
 system:
 	@deploy/bootstrap.sh system
@@ -15,6 +15,17 @@ system:
 ## The web UI's pinned JS (npm ci, copied to web/static/vendor) and Debian's Chromium.
 web:
 	@deploy/bootstrap.sh web
+
+## helm for the chart's checks, built once with `go install` into .tools/bin (git-ignored).
+helm:
+	@deploy/bootstrap.sh helm
+
+## The Helm chart (deploy/helm/carrara): helm lint --strict, helm template with the default and the
+## production values, every manifest validated offline against the Kubernetes schemas, and the
+## hardening asserted on the rendered objects (seconds).
+CHART_TEST := $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_helm_chart.py
+chart: $(VENV)/.installed helm
+	$(CHART_TEST)
 
 ## Third-party packages come from requirements-dev.lock only (pinned, hashes checked).
 $(VENV)/.installed: pyproject.toml requirements-dev.lock
@@ -39,15 +50,16 @@ test: bootstrap lint
 	$(BIN)/carrara stack exec -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## The fast tests: pure logic, no service needed (seconds, not minutes).
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed helm
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-## Ruff, the import contracts of docs/architecture.md (.importlinter), and the type checker.
-lint: $(VENV)/.installed
+## Ruff, the import contracts of docs/architecture.md (.importlinter), the type checker, the chart.
+lint: $(VENV)/.installed helm
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/basedpyright
+	$(CHART_TEST)
 
 ## basedpyright alone (basic mode, [tool.basedpyright] in pyproject.toml) over platform/carrara.
 typecheck: $(VENV)/.installed

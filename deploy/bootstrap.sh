@@ -5,6 +5,8 @@
 #                                hashes checked) and Carrara itself
 #   deploy/bootstrap.sh web      the web UI's JS (npm ci, copied to web/static/vendor) and
 #                                Debian's Chromium for the browser tests
+#   deploy/bootstrap.sh helm     helm (HELM_VERSION), built from the Go module proxy into .tools/bin,
+#                                for the Helm chart's checks (deploy/helm)
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,10 +68,29 @@ web_assets() {
   (cd web && npm run --silent vendor)
 }
 
+# The Helm chart's test (tests/unit/test_helm_chart.py) runs `helm lint` and `helm template`.
+# helm is built with `go install` from the Go module proxy (no downloaded release binary), into a
+# git-ignored project directory; a second run only checks the version.
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+HELM_BIN="${HELM_BIN:-.tools/bin}"
+helm_cli() {
+  command -v go >/dev/null || { echo "bootstrap: helm needs Go (https://go.dev/dl/)" >&2; exit 1; }
+  # The module version the binary was built from (`helm version` says only v3.22 without ldflags).
+  if [ -x "$HELM_BIN/helm" ] \
+    && [ "$(go version -m "$HELM_BIN/helm" | awk '$1 == "mod" {print $3}')" = "$HELM_VERSION" ]; then
+    return 0
+  fi
+  echo "bootstrap: building helm $HELM_VERSION into $HELM_BIN (go install, a few minutes once)"
+  mkdir -p "$HELM_BIN"
+  GOBIN="$(pwd)/$HELM_BIN" GOFLAGS=-buildvcs=false \
+    go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
 case "${1:-all}" in
   system) system_packages ;;
   python) python_env ;;
   web) web_assets ;;
-  all) system_packages; python_env; web_assets ;;
-  *) echo "usage: $0 [system|python|web|all]" >&2; exit 2 ;;
+  helm) helm_cli ;;
+  all) system_packages; python_env; web_assets; helm_cli ;;
+  *) echo "usage: $0 [system|python|web|helm|all]" >&2; exit 2 ;;
 esac
