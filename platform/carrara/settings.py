@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093
     mlflow_port: int = 5000
     api_port: int = 8000
+    schema_registry_port: int = 8081
+    schema_registry_management_port: int = 9081
 
     db_user: str = "carrara"
     db_password: str = DEV_DB_PASSWORD
@@ -62,6 +64,11 @@ class Settings(BaseSettings):
     mlflow_db_name: str = "mlflow"
     kafka_version: str = "4.1.1"
     kafka_heap: str = "512m"
+    # The local stack's Schema Registry: Apicurio Registry from Maven Central (3.3.x needs Java
+    # 21+: found under /usr/lib/jvm or /opt, or given here; 3.0.9 runs on Java 17).
+    schema_registry_version: str = "3.3.3"
+    schema_registry_heap: str = "384m"
+    schema_registry_java_home: Path | None = None
 
     # The API process relays committed outbox messages (deployment revisions, training tasks).
     outbox_relay_enabled: bool = True
@@ -154,6 +161,18 @@ class Settings(BaseSettings):
     # gives exact names. Values are kept as secrets (never shown in a repr or a log).
     kafka: dict[str, SecretStr] = Field(default_factory=dict)
 
+    # Schema Registry of Avro / Protobuf / JSON Schema events (README: Event formats), shared by
+    # the API, workers, scorers and the monitor: its Confluent-compatible URL (default: the local
+    # stack's Apicurio, `.../apis/ccompat/v7`), basic-auth credentials and TLS (a CA bundle, and a
+    # client certificate and key for mutual TLS).
+    schema_registry_url: str = ""
+    schema_registry_username: str = ""
+    schema_registry_password: SecretStr | None = None
+    schema_registry_password_file: Path | None = None
+    schema_registry_ca_location: Path | None = None
+    schema_registry_certificate_location: Path | None = None
+    schema_registry_key_location: Path | None = None
+
     # Client connection settings; derived from the ports above when not given.
     database_url: str = ""
     kafka_bootstrap: str = ""
@@ -176,6 +195,10 @@ class Settings(BaseSettings):
             self.mlflow_url = f"http://{self.host}:{self.mlflow_port}"
         if not self.api_url:
             self.api_url = f"http://{self.host}:{self.api_port}"
+        if not self.schema_registry_url:
+            self.schema_registry_url = (
+                f"http://{self.host}:{self.schema_registry_port}/apis/ccompat/v7"
+            )
         return self
 
     @model_validator(mode="after")

@@ -24,8 +24,13 @@ def test_api_and_worker_need_the_whole_infrastructure_first(stack: Stack) -> Non
     assert _names(stack.with_requirements(["api", "worker"])) == [*INFRASTRUCTURE, "api", "worker"]
 
 
-def test_a_scorer_needs_kafka_and_mlflow_but_no_postgres(stack: Stack) -> None:
-    assert _names(stack.with_requirements(["scorer-1"])) == ["kafka", "mlflow", "scorer-1"]
+def test_a_scorer_needs_kafka_the_registry_and_mlflow_but_no_postgres(stack: Stack) -> None:
+    assert _names(stack.with_requirements(["scorer-1"])) == [
+        "kafka",
+        "schema-registry",
+        "mlflow",
+        "scorer-1",
+    ]
 
 
 def test_the_monitor_needs_postgres_and_kafka(stack: Stack) -> None:

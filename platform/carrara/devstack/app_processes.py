@@ -24,7 +24,7 @@ def project_root() -> Path:
 
 
 # Carrara's processes and what each needs running first.
-NEEDS_ALL_INFRASTRUCTURE = ("postgres", "redis", "kafka", "mlflow")
+NEEDS_ALL_INFRASTRUCTURE = ("postgres", "redis", "kafka", "schema-registry", "mlflow")
 
 
 class ApiService(Service):
@@ -121,7 +121,7 @@ class ScorerService(Service):
 
     label = "Scorer"
     # Deployments and events come from Kafka, models from MLflow; a scorer never uses Postgres.
-    requires = ("kafka", "mlflow")
+    requires = ("kafka", "schema-registry", "mlflow")
 
     def __init__(self, settings: Settings, index: int) -> None:
         super().__init__(settings)

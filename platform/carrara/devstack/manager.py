@@ -19,16 +19,18 @@ from carrara.devstack.mlflow_server import MlflowService
 from carrara.devstack.postgres_server import PostgresService
 from carrara.devstack.processes import LaunchSpec, ProcessRegistry
 from carrara.devstack.redis_server import RedisService
+from carrara.devstack.schema_registry import SchemaRegistryService
 from carrara.devstack.secure import SecureMaterial, profile_env, secure_profile
 from carrara.devstack.service import Service, StackError
 from carrara.settings import Settings
 
-INFRASTRUCTURE = ("postgres", "redis", "kafka", "mlflow")
+INFRASTRUCTURE = ("postgres", "redis", "kafka", "schema-registry", "mlflow")
 APPLICATION = ("api", "worker", "scorer-1", "scorer-2", "monitor")
 START_TIMEOUT = {
     "postgres": 60,
     "redis": 20,
     "kafka": 120,
+    "schema-registry": 120,
     "mlflow": 180,
     "api": 60,
     "worker": 90,
@@ -75,11 +77,17 @@ class Stack:
         self.report = report
         self.material = SecureMaterial(settings.home, settings.host) if secure else None
         self.registry = ProcessRegistry(settings.home / "run", settings.home / "logs")
-        classes: list[type[Service]] = [PostgresService, RedisService, ApiService, WorkerService]
+        classes: list[type[Service]] = [
+            PostgresService,
+            RedisService,
+            SchemaRegistryService,
+            ApiService,
+            WorkerService,
+        ]
         self.services: dict[str, Service] = {cls.name: cls(settings) for cls in classes}
         self.services["kafka"] = KafkaService(settings, self.material)
         self.services["mlflow"] = MlflowService(settings, self.material)
-        order = ("postgres", "redis", "kafka", "mlflow", "api", "worker")
+        order = ("postgres", "redis", "kafka", "schema-registry", "mlflow", "api", "worker")
         self.services = {name: self.services[name] for name in order}
         for index in (1, 2):
             scorer = ScorerService(settings, index)

@@ -78,9 +78,18 @@ def secure_profile(settings: Settings) -> Settings:
             "api_port",
             "scorer_metrics_port",
             "monitor_metrics_port",
+            "schema_registry_port",
+            "schema_registry_management_port",
         )
     }
-    derived = ("database_url", "kafka_bootstrap", "redis_url", "mlflow_url", "api_url")
+    derived = (
+        "database_url",
+        "kafka_bootstrap",
+        "redis_url",
+        "mlflow_url",
+        "api_url",
+        "schema_registry_url",
+    )
     # Built again (not copied) so the connection URLs are derived from the moved ports.
     values = {**settings.model_dump(), "home": settings.home / "secure", **moved}
     return type(settings)(**{**values, **dict.fromkeys(derived, "")})
@@ -101,6 +110,9 @@ def profile_env(settings: Settings) -> dict[str, str]:
         "CARRARA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "CARRARA_MLFLOW_URL": settings.mlflow_url,
         "CARRARA_API_URL": settings.api_url,
+        "CARRARA_SCHEMA_REGISTRY_PORT": str(settings.schema_registry_port),
+        "CARRARA_SCHEMA_REGISTRY_MANAGEMENT_PORT": str(settings.schema_registry_management_port),
+        "CARRARA_SCHEMA_REGISTRY_URL": settings.schema_registry_url,
     }
 
 
