@@ -586,7 +586,8 @@ def test_api_worker_monitor_and_migrations() -> None:
     (container,) = pod_spec(api)["containers"]
     assert container["command"][:2] == ["uvicorn", "carrara.main:app"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # Not /readyz: a Kafka outage must not take the UI and the API out of the Service.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     (ingress,) = of_kind("production", "Ingress")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == api["metadata"]["name"]
