@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -39,27 +38,14 @@ from carrara.devstack.kafka_broker import KafkaService
 from carrara.devstack.processes import ProcessRegistry
 from carrara.settings import Settings
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, encode_spec
-from carrara.streams.event_codec import decode_events, fit_feature_spec
 from carrara.streams.prediction_record import decode_prediction
 from carrara.streams.scorer_status import decode_status
 from carrara.streams.topics import TopicAdmin
-from carrara.training.algorithms import validate_params
-from carrara.training.mlflow_logging import Lineage, log_and_register
-from carrara.training.onnx_export import export_onnx
-from carrara.training.trainers import train
 from tests.integration.conftest import ROOT, RUN_ID, LiveApi, free_port, running_api
+from tests.integration.test_scorer import _event
+from tests.integration.test_scorer import _register as register_scorer_model
 
 BIN = Path(sys.executable).parent
-SCHEMA = {
-    "key_field": "card_id",
-    "label_field": "fraud",
-    "task": "binary",
-    "features": [
-        {"name": "amount", "type": "float"},
-        {"name": "velocity", "type": "float"},
-        {"name": "merchant", "type": "category"},
-    ],
-}
 # Short enough for a test, long enough that a restart (~15 s here: a JVM start) is not a stall.
 STALL_TIMEOUT_S = 45
 CALL_TIMEOUT_S = 8
@@ -145,43 +131,8 @@ def broker(stack_settings: Settings) -> Iterator[Broker]:
 # --- processes and helpers --------------------------------------------------------------------
 
 
-def _event(i: int) -> dict[str, Any]:
-    rng = np.random.default_rng(i)
-    return {
-        "card_id": f"card-{i}",
-        "amount": float(rng.lognormal(3, 1)),
-        "velocity": float(rng.poisson(2)),
-        "merchant": ["grocery", "online", "travel"][i % 3],
-    }
-
-
 def _register(settings: Settings, name: str) -> int:
-    rng = np.random.default_rng(7)
-    events = []
-    for i in range(600):
-        e = _event(i)
-        e["fraud"] = int(e["amount"] * 0.02 + e["velocity"] * 0.5 + rng.normal() > 2.5)
-        events.append(orjson.dumps(e))
-    decoded = decode_events(SCHEMA, [(events, [0] * 600, list(range(600)))])
-    spec = fit_feature_spec(decoded)
-    x, y = spec.transform(decoded), spec.encode_labels(decoded)
-    params = validate_params("logistic_regression", "binary", {})
-    model = train("logistic_regression", "binary", params, x, y)
-    logged = log_and_register(
-        tracking_uri=settings.mlflow_url,
-        registered_model_name=name,
-        lineage=Lineage("outage-test", 1, "t", [{"partition": 0, "start": 0, "end": 600}], 600, 0),
-        algorithm="logistic_regression",
-        params=params,
-        metrics={},
-        trained=model,
-        feature_names=spec.columns,
-        feature_spec=spec.as_dict(),
-        holdout_x=x[:100],
-        holdout_y=y[:100],
-        onnx=export_onnx(model, x[:100]),
-    )
-    return logged.version
+    return register_scorer_model(settings, name, 1.0)[0]
 
 
 @dataclass
