@@ -31,8 +31,9 @@ from carrara.models import (
     OutcomeStats,
     VariantMetrics,
 )
-from carrara.models.monitoring import LATENCY_EDGES_MS, SCORE_BINS
+from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
 from carrara.monitoring import statistics
+from carrara.monitoring.aggregates import Deltas
 from carrara.registry import service as registry
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
@@ -41,6 +42,7 @@ from tests.integration.conftest import LiveApi, run_cli
 API = "/api/v1/deployments"
 BASE = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
+END_TO_END_BINS = len(END_TO_END_EDGES_MS) + 1
 
 
 def make_version(session: Session, model: str, version: int) -> ModelVersion:
@@ -253,6 +255,100 @@ def test_metrics_series_rebucket_and_total_exactly(
     assert [(p["bucket_start"], p["predictions"]) for p in a["series"]] == [
         ("2024-05-01T00:00:00Z", 45)
     ]
+
+
+def test_end_to_end_latency_is_reported_next_to_the_in_process_latency(
+    client: TestClient, viewer_headers: dict[str, str], deployed: str, db_session: Session
+) -> None:
+    e2e_40 = END_TO_END_EDGES_MS.index(40)  # the (20, 40] ms bin
+    db_session.add_all(
+        [
+            # 10 events 5-10 ms end to end, scored in 1-2 ms.
+            metrics_row(
+                deployed,
+                "a",
+                BASE + timedelta(minutes=1),
+                predictions=10,
+                latency_histogram=histogram(LATENCY_BINS, {1: 10}),
+                end_to_end_histogram=histogram(END_TO_END_BINS, {3: 10}),
+            ),
+            # A row of a monitor that did not count end to end yet: the column's default ([]).
+            metrics_row(
+                deployed,
+                "a",
+                BASE + timedelta(minutes=3),
+                predictions=4,
+                latency_histogram=histogram(LATENCY_BINS, {1: 4}),
+            ),
+            metrics_row(
+                deployed,
+                "b",
+                BASE + timedelta(minutes=1),
+                predictions=3,
+                latency_histogram=histogram(LATENCY_BINS, {0: 3}),
+            ),
+        ]
+    )
+    db_session.flush()
+    # 10 more events of `a`, 20-40 ms end to end, through the monitor's own flush (twice: adds).
+    for _ in range(2):
+        deltas = Deltas()
+        d = deltas.variant(deployed, "a", BASE + timedelta(minutes=2))
+        d.predictions = 5
+        d.latency_histogram[1] = 5
+        d.end_to_end_histogram[e2e_40] = 5
+        deltas.flush(db_session)
+    stored = db_session.scalars(
+        select(VariantMetrics.end_to_end_histogram).where(
+            VariantMetrics.deployment == deployed,
+            VariantMetrics.bucket_start == BASE + timedelta(minutes=3),
+        )
+    ).one()
+    assert stored == []  # old rows: no data, not zeros
+
+    response = client.get(f"{API}/{deployed}/metrics", params=_window(), headers=viewer_headers)
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["end_to_end_edges_ms"] == [float(e) for e in END_TO_END_EDGES_MS]
+    assert report["latency_edges_ms"] == [float(e) for e in LATENCY_EDGES_MS]
+    a = _variant(report, "a")
+    one, two, three = a["series"]
+    assert one["end_to_end_histogram"] == histogram(END_TO_END_BINS, {3: 10})
+    assert one["p50_end_to_end_ms"] == pytest.approx(7.5)  # 5 + 5 * 5/10
+    assert one["p99_end_to_end_ms"] == pytest.approx(9.95)
+    assert one["p50_latency_ms"] == pytest.approx(1.5)  # in-process, apart
+    assert two["end_to_end_histogram"] == histogram(END_TO_END_BINS, {e2e_40: 10})
+    assert two["p50_end_to_end_ms"] == pytest.approx(30.0)  # 20 + 20 * 5/10
+    assert two["p99_end_to_end_ms"] == pytest.approx(39.8)
+    assert (three["predictions"], three["p50_end_to_end_ms"], three["p99_end_to_end_ms"]) == (
+        4,
+        None,
+        None,
+    )
+    assert three["end_to_end_histogram"] == [0] * END_TO_END_BINS
+    assert three["p50_latency_ms"] == pytest.approx(1.5)
+    totals = a["totals"]
+    assert totals["predictions"] == 24
+    assert totals["end_to_end_histogram"] == histogram(END_TO_END_BINS, {3: 10, e2e_40: 10})
+    # 20 measured events: p50 at rank 10 is the top of (5, 10]; p99 at rank 19.8 in (20, 40].
+    assert totals["p50_end_to_end_ms"] == pytest.approx(10.0)
+    assert totals["p99_end_to_end_ms"] == pytest.approx(39.6)
+    assert totals["p50_latency_ms"] == pytest.approx(1.5)
+    b = _variant(report, "b")
+    assert b["totals"]["p50_latency_ms"] == pytest.approx(0.5)
+    assert (b["totals"]["p50_end_to_end_ms"], b["totals"]["p99_end_to_end_ms"]) == (None, None)
+
+    hourly = client.get(
+        f"{API}/{deployed}/metrics", params={**_window(), "bucket": "hour"}, headers=viewer_headers
+    ).json()
+    (ten,) = _variant(hourly, "a")["series"]
+    assert ten["p50_end_to_end_ms"] == pytest.approx(10.0)
+    assert ten["p99_end_to_end_ms"] == pytest.approx(39.6)
+
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    totals_schema = schema["VariantTotals"]["properties"]
+    assert "end-to-end" in totals_schema["p50_end_to_end_ms"]["description"]
+    assert "in-process" in totals_schema["p50_latency_ms"]["description"]
 
 
 def test_metrics_live_auc_matches_sklearn_and_outcome_stats_add_up(

@@ -277,6 +277,10 @@ def test_live_metrics_verdict_rollback_drift_and_a_killed_monitor(
         for variant, pairs in offline.items():
             assert totals[variant]["predictions"] == len(pairs)  # exact counts, even after the kill
             assert totals[variant]["outcomes"] == len(pairs)
+            # Each prediction carries its input record's timestamp: all counted end to end.
+            assert sum(totals[variant]["end_to_end_histogram"]) == len(pairs)
+            e2e = (totals[variant]["p50_end_to_end_ms"], totals[variant]["p99_end_to_end_ms"])
+            assert 0 < e2e[0] <= e2e[1], e2e
             scores = np.array([s for s, _ in pairs])
             truth = np.array([y for _, y in pairs])
             assert abs(totals[variant]["auc"] - roc_auc_score(truth, scores)) < 1e-6

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -25,7 +26,9 @@ from carrara.models import (
     Deployment,
     DeploymentRevision,
     TrainingRun,
+    VariantMetrics,
 )
+from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS
 from carrara.registry import service as registry
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
@@ -526,6 +529,33 @@ def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
         )
         assert response.status_code == 200, (fragment, response.text)
     assert "No traffic yet" in client.get("/ui/deployments/ui-scoring/live").text
+    # Once the monitor counted a minute: end-to-end latency next to the in-process scoring time.
+    now = datetime.now(UTC)
+    db_session.add(
+        VariantMetrics(
+            deployment="ui-scoring",
+            variant="champion",
+            bucket_start=now.replace(second=0, microsecond=0),
+            model_version=1,
+            predictions=10,
+            score_sum=5.0,
+            score_histogram=[10] + [0] * 19,
+            latency_histogram=[0, 10] + [0] * len(LATENCY_EDGES_MS[1:]),  # in (1, 2] ms
+            end_to_end_histogram=[0, 0, 0, 10] + [0] * len(END_TO_END_EDGES_MS[3:]),  # (5, 10]
+        )
+    )
+    db_session.commit()
+    live = client.get("/ui/deployments/ui-scoring/live").text
+    assert "End to end ms" in live
+    assert "Scoring ms" in live
+    assert 'data-metric="p50-end-to-end">7.5<' in live  # 5 + 5 * 5/10
+    assert 'data-metric="p99-end-to-end">9.95<' in live
+    assert 'data-metric="p50-scoring">1.5<' in live
+    assert 'data-metric="p99-scoring">1.99<' in live
+    chart = orjson.loads(re.search(r'id="live-data">(.*?)</script>', live, re.DOTALL)[1])
+    (series,) = chart["series"]
+    assert 7.5 in series["end_to_end_p50"]
+    assert 1.5 in series["p50"]
     assert "Nothing to compare" in client.get("/ui/deployments/ui-scoring/verdict").text
     overview = client.get("/ui/")
     assert "ui-scoring" in overview.text

@@ -75,7 +75,7 @@
     return isNaN(d) ? iso : d.toISOString().slice(11, 16);
   };
 
-  function lineChart(canvas, yTitle, percent) {
+  function lineChart(canvas, yTitle, percent, { log = false, legendFont = 11 } = {}) {
     return new window.Chart(canvas, {
       type: "line",
       data: { labels: [], datasets: [] },
@@ -86,7 +86,7 @@
         spanGaps: true,
         interaction: { mode: "index", intersect: false },
         plugins: {
-          legend: { position: "bottom", labels: { boxWidth: 10, font: { size: 11 } } },
+          legend: { position: "bottom", labels: { boxWidth: 10, font: { size: legendFont } } },
           tooltip: percent
             ? { callbacks: { label: (c) => `${c.dataset.label}: ${(c.parsed.y * 100).toFixed(2)}%` } }
             : {},
@@ -94,7 +94,8 @@
         scales: {
           x: { ticks: { maxTicksLimit: 7, font: { size: 10 } }, grid: { display: false } },
           y: {
-            beginAtZero: true,
+            // Latency: a log axis, so milliseconds of scoring and seconds of lag both read.
+            ...(log ? { type: "logarithmic" } : { beginAtZero: true }),
             title: { display: Boolean(yTitle), text: yTitle, font: { size: 10 } },
             ticks: {
               font: { size: 10 },
@@ -132,7 +133,7 @@
     if (!canvas || !window.Chart) return null;
     const make = {
       throughput: () => lineChart(canvas, data.throughput_unit, false),
-      latency: () => lineChart(canvas, "ms", false),
+      latency: () => lineChart(canvas, "ms (log scale)", false, { log: true, legendFont: 10 }),
       dead: () => lineChart(canvas, "", true),
       quality: () => lineChart(canvas, "", data.quality_is_rate),
       scores: () => barChart(canvas),
@@ -141,13 +142,13 @@
     return carrara.charts[key];
   }
 
-  function lineSet(label, values, color, dashed) {
+  function lineSet(label, values, color, dashed, thin) {
     return {
       label,
       data: values,
       borderColor: color,
       backgroundColor: color,
-      borderWidth: 2,
+      borderWidth: thin ? 1 : 2,
       borderDash: dashed ? [5, 4] : [],
       pointRadius: values.length < 30 ? 2 : 0,
       tension: 0.25,
@@ -175,9 +176,12 @@
     update("throughput", routed.map((s) => lineSet(name(s), s.throughput, colors.get(s.name), s.shadow)));
     update(
       "latency",
+      // End to end (input record -> prediction written) in bold, the scorer's in-process time thin.
       routed.flatMap((s) => [
-        lineSet(`${name(s)} p50`, s.p50, colors.get(s.name), false),
-        lineSet(`${name(s)} p99`, s.p99, colors.get(s.name), true),
+        lineSet(`${name(s)} e2e p50`, s.end_to_end_p50, colors.get(s.name), false),
+        lineSet(`${name(s)} e2e p99`, s.end_to_end_p99, colors.get(s.name), true),
+        lineSet(`${name(s)} scoring p50`, s.p50, colors.get(s.name) + "99", false, true),
+        lineSet(`${name(s)} scoring p99`, s.p99, colors.get(s.name) + "99", true, true),
       ]),
     );
     update("dead", data.series.map((s) => lineSet(name(s), s.dead_letter_rate, colors.get(s.name), s.shadow)));

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -26,6 +27,11 @@ from carrara.models.base import Base
 # Fixed histogram edges, so buckets from any monitor process add up.
 SCORE_BINS = 20  # equal-width bins over [0, 1]; scores outside are clipped into the end bins
 LATENCY_EDGES_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # + one overflow bin
+# End to end (input record timestamp -> prediction record timestamp) includes queueing and lag:
+# edges up to a minute, + one overflow bin. 10 and 40 ms are edges (the scorer's targets).
+END_TO_END_EDGES_MS = (
+    1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2500, 5000, 10_000, 30_000, 60_000
+)  # fmt: skip
 
 
 class VariantMetrics(Base):
@@ -41,9 +47,14 @@ class VariantMetrics(Base):
     predictions: Mapped[int] = mapped_column(BigInteger, default=0)
     dead_letters: Mapped[int] = mapped_column(BigInteger, default=0)
     score_sum: Mapped[float] = mapped_column(Float, default=0.0)
-    # Counts per bin: SCORE_BINS bins over [0, 1]; len(LATENCY_EDGES_MS) + 1 latency bins.
+    # Counts per bin: SCORE_BINS bins over [0, 1]; len(LATENCY_EDGES_MS) + 1 latency bins
+    # (in-process scoring time); len(END_TO_END_EDGES_MS) + 1 end-to-end bins, or [] (no data:
+    # rows written before end-to-end latency was counted).
     score_histogram: Mapped[list[int]] = mapped_column(JSONB, default=list)
     latency_histogram: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    end_to_end_histogram: Mapped[list[int]] = mapped_column(
+        JSONB, default=list, server_default=text("'[]'::jsonb")
+    )
     # Outcomes joined to this variant's predictions in this bucket (by prediction time).
     outcomes: Mapped[int] = mapped_column(BigInteger, default=0)
     correct: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from carrara.models import FeatureDrift, OutcomeStats, VariantMetrics
-from carrara.models.monitoring import LATENCY_EDGES_MS, SCORE_BINS
+from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
 
 
 def minute(ms: int | float) -> datetime:
@@ -32,6 +32,10 @@ def score_bin(score: float) -> int:
 
 def latency_bin(latency_ms: float) -> int:
     return bisect.bisect_left(LATENCY_EDGES_MS, latency_ms)
+
+
+def end_to_end_bin(latency_ms: float) -> int:
+    return bisect.bisect_left(END_TO_END_EDGES_MS, latency_ms)
 
 
 def _add(a: list[int], b: list[int]) -> list[int]:
@@ -49,6 +53,9 @@ class VariantDelta:
     score_sum: float = 0.0
     score_histogram: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
     latency_histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    end_to_end_histogram: list[int] = field(
+        default_factory=lambda: [0] * (len(END_TO_END_EDGES_MS) + 1)
+    )
     outcomes: int = 0
     correct: int = 0
     log_loss_sum: float = 0.0
@@ -131,6 +138,10 @@ class Deltas:
             row.score_sum += d.score_sum
             row.score_histogram = _add(list(row.score_histogram), d.score_histogram)
             row.latency_histogram = _add(list(row.latency_histogram), d.latency_histogram)
+            if any(d.end_to_end_histogram):  # a row nothing measured stays [] (no data)
+                row.end_to_end_histogram = _add(
+                    list(row.end_to_end_histogram), d.end_to_end_histogram
+                )
             row.outcomes += d.outcomes
             row.correct += d.correct
             row.log_loss_sum += d.log_loss_sum

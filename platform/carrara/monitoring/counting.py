@@ -1,6 +1,6 @@
-"""Counting the monitor's records that need no join: predictions (count, score and latency
-histograms, and the pending row awaiting an outcome), dead letters, and input values binned by the
-champion's training profile for drift."""
+"""Counting the monitor's records that need no join: predictions (count, score, in-process and
+end-to-end latency histograms, and the pending row awaiting an outcome), dead letters, and input
+values binned by the champion's training profile for drift."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
-from carrara.monitoring.aggregates import Deltas, as_float, latency_bin, minute, score_bin
+from carrara.monitoring.aggregates import (
+    Deltas,
+    as_float,
+    end_to_end_bin,
+    latency_bin,
+    minute,
+    score_bin,
+)
 from carrara.monitoring.statistics import bin_counts
 from carrara.monitoring.watched import Watched
 from carrara.streams.prediction_record import H_DEPLOYMENT, decode_prediction
@@ -36,7 +43,8 @@ def count_prediction(
     w = watched.get(p.deployment)
     if w is None or w.output_topic != message.topic():
         return
-    bucket = minute(p.scored_at_ms or message.timestamp()[1])
+    written_ms = message.timestamp()[1]
+    bucket = minute(p.scored_at_ms or written_ms)
     d = deltas.variant(p.deployment, p.variant, bucket)
     d.shadow = p.shadow
     d.model_version = p.model_version
@@ -48,6 +56,11 @@ def count_prediction(
         d.score_sum += score
         d.score_histogram[score_bin(score)] += 1
     d.latency_histogram[latency_bin(p.latency_ms)] += 1
+    # End to end: input record written -> prediction record written (both Kafka timestamps).
+    # Unknown for records of older scorers (no input_ms) and records without a timestamp; a
+    # negative difference (clocks of different producers) is not a latency.
+    if p.input_ms > 0 and written_ms > 0 and written_ms >= p.input_ms:
+        d.end_to_end_histogram[end_to_end_bin(written_ms - p.input_ms)] += 1
     if w.outcomes_topic:
         pending.append(
             {

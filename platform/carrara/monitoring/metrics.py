@@ -1,10 +1,15 @@
 """Live metrics of a deployment: per-variant series of the monitor's minute rows re-bucketed,
-window totals, live AUC and outcome counts."""
+window totals, live AUC and outcome counts.
+
+Two latencies: `latency` is the scorer's in-process time (from the batch's start to the variant's
+scores); `end_to_end` is from the input record's Kafka timestamp to the prediction record's.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,7 +21,7 @@ from sqlalchemy.orm import Session
 from carrara.deployments import service as deployments
 from carrara.errors import Invalid
 from carrara.models import JoinedOutcome, OutcomeStats, VariantMetrics
-from carrara.models.monitoring import LATENCY_EDGES_MS, SCORE_BINS
+from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
 from carrara.monitoring import statistics
 from carrara.monitoring.queries import (
     BUCKETS,
@@ -53,6 +58,9 @@ class Sums:
     score_sum: float = 0.0
     score_histogram: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
     latency_histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    end_to_end_histogram: list[int] = field(
+        default_factory=lambda: [0] * (len(END_TO_END_EDGES_MS) + 1)
+    )
     outcomes: int = 0
     correct: int = 0
     log_loss_sum: float = 0.0
@@ -73,6 +81,7 @@ class Sums:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.score_histogram = _add(self.score_histogram, other.score_histogram)
         self.latency_histogram = _add(self.latency_histogram, other.latency_histogram)
+        self.end_to_end_histogram = _add(self.end_to_end_histogram, other.end_to_end_histogram)
 
 
 def _add(a: list[int], b: list[int]) -> list[int]:
@@ -91,6 +100,9 @@ class MetricsPoint:
     latency_histogram: list[int]
     p50_latency_ms: float | None
     p99_latency_ms: float | None
+    end_to_end_histogram: list[int]
+    p50_end_to_end_ms: float | None
+    p99_end_to_end_ms: float | None
     outcomes: int
     accuracy: float | None
     log_loss: float | None
@@ -100,11 +112,18 @@ class MetricsPoint:
     auc: float | None = None
 
 
+def _quantile(counts: list[int], edges: Sequence[float], q: float) -> float | None:
+    """The q-quantile of a histogram over `edges`; None when empty or of another bin count."""
+    if len(counts) not in (len(edges), len(edges) + 1):
+        return None
+    return statistics.quantile_from_histogram(counts, edges, q)
+
+
 def derive(sums: Sums, task: str | None, bucket_start: datetime | None = None) -> MetricsPoint:
     """Means, rates and latency quantiles of summed counts (per the task: classification or not)."""
     regression = is_regression(task)
     latency = sums.latency_histogram
-    has_latency = len(latency) in (len(LATENCY_EDGES_MS), len(LATENCY_EDGES_MS) + 1)
+    end_to_end = sums.end_to_end_histogram
     mse = _ratio(sums.squared_error_sum, sums.outcomes)
     return MetricsPoint(
         bucket_start=bucket_start,
@@ -113,12 +132,11 @@ def derive(sums: Sums, task: str | None, bucket_start: datetime | None = None) -
         mean_score=_ratio(sums.score_sum, sums.predictions),
         score_histogram=sums.score_histogram,
         latency_histogram=latency,
-        p50_latency_ms=statistics.quantile_from_histogram(latency, LATENCY_EDGES_MS, 0.5)
-        if has_latency
-        else None,
-        p99_latency_ms=statistics.quantile_from_histogram(latency, LATENCY_EDGES_MS, 0.99)
-        if has_latency
-        else None,
+        p50_latency_ms=_quantile(latency, LATENCY_EDGES_MS, 0.5),
+        p99_latency_ms=_quantile(latency, LATENCY_EDGES_MS, 0.99),
+        end_to_end_histogram=end_to_end,
+        p50_end_to_end_ms=_quantile(end_to_end, END_TO_END_EDGES_MS, 0.5),
+        p99_end_to_end_ms=_quantile(end_to_end, END_TO_END_EDGES_MS, 0.99),
         outcomes=sums.outcomes,
         accuracy=None if regression else _ratio(sums.correct, sums.outcomes),
         log_loss=None if regression else _ratio(sums.log_loss_sum, sums.outcomes),
@@ -153,6 +171,7 @@ class MetricsReport:
     bucket: str
     task: str | None
     latency_edges_ms: list[float]
+    end_to_end_edges_ms: list[float]
     variants: list[VariantReport]
     outcome_stats: OutcomeCounts
 
@@ -193,6 +212,7 @@ def metrics(
         VariantMetrics.score_sum,
         VariantMetrics.score_histogram,
         VariantMetrics.latency_histogram,
+        VariantMetrics.end_to_end_histogram,
         VariantMetrics.outcomes,
         VariantMetrics.correct,
         VariantMetrics.log_loss_sum,
@@ -228,6 +248,9 @@ def metrics(
     keys: list[Column] = [VariantMetrics.variant, truncated]
     score_histograms = summed_arrays(session, in_window, VariantMetrics.score_histogram, keys)
     latency_histograms = summed_arrays(session, in_window, VariantMetrics.latency_histogram, keys)
+    end_to_end_histograms = summed_arrays(
+        session, in_window, VariantMetrics.end_to_end_histogram, keys
+    )
 
     series: dict[str, list[MetricsPoint]] = defaultdict(list)
     totals: dict[str, Sums] = defaultdict(Sums)
@@ -254,6 +277,9 @@ def metrics(
             score_histogram=_padded(score_histograms.get((variant, bucket_start)), SCORE_BINS),
             latency_histogram=_padded(
                 latency_histograms.get((variant, bucket_start)), len(LATENCY_EDGES_MS) + 1
+            ),
+            end_to_end_histogram=_padded(
+                end_to_end_histograms.get((variant, bucket_start)), len(END_TO_END_EDGES_MS) + 1
             ),
             outcomes=int(outcomes or 0),
             correct=int(correct or 0),
@@ -295,6 +321,7 @@ def metrics(
         bucket=bucket,
         task=task,
         latency_edges_ms=[float(e) for e in LATENCY_EDGES_MS],
+        end_to_end_edges_ms=[float(e) for e in END_TO_END_EDGES_MS],
         variants=reports,
         outcome_stats=_outcome_counts(session, name, start, end),
     )

@@ -22,10 +22,30 @@ class MetricsTotals(_FromAttributes):
     mean_score: float | None = Field(description="Mean score (P(positive) or the prediction)")
     score_histogram: list[int] = Field(description="Counts in 20 equal bins over [0, 1]")
     latency_histogram: list[int] = Field(
-        description="Counts per latency bin (upper edges `latency_edges_ms`, then overflow)"
+        description="In-process scoring time: counts per bin (upper edges `latency_edges_ms`, "
+        "then overflow)"
     )
-    p50_latency_ms: float | None
-    p99_latency_ms: float | None
+    p50_latency_ms: float | None = Field(
+        description="Median in-process scoring time (the scorer's batch, from its start to this "
+        "variant's scores), ms; null: no predictions"
+    )
+    p99_latency_ms: float | None = Field(
+        description="99th percentile of the in-process scoring time, ms"
+    )
+    end_to_end_histogram: list[int] = Field(
+        default_factory=list,
+        description="End-to-end latency (input record's Kafka timestamp to the prediction "
+        "record's): counts per bin (upper edges `end_to_end_edges_ms`, then overflow)",
+    )
+    p50_end_to_end_ms: float | None = Field(
+        default=None,
+        description="Median end-to-end latency: from the input record's Kafka timestamp to the "
+        "prediction being written, queueing and consumer lag included, ms; null: not measured "
+        "(no predictions, or written by a scorer that does not record `input_ms`)",
+    )
+    p99_end_to_end_ms: float | None = Field(
+        default=None, description="99th percentile of the end-to-end latency, ms"
+    )
     outcomes: int = Field(description="Outcomes joined to predictions made in this span")
     accuracy: float | None = Field(description="Classification: share of correct predictions")
     log_loss: float | None = Field(description="Classification: mean log loss")
@@ -67,7 +87,13 @@ class MetricsOut(_FromAttributes):
     end: datetime = Field(serialization_alias="to", description="Window end (exclusive)")
     bucket: Bucket
     task: str | None = Field(description="Task of the champion's model, when known")
-    latency_edges_ms: list[float]
+    latency_edges_ms: list[float] = Field(
+        description="Upper bin edges of `latency_histogram` (in-process scoring time), ms"
+    )
+    end_to_end_edges_ms: list[float] = Field(
+        default_factory=list,
+        description="Upper bin edges of `end_to_end_histogram` (end-to-end latency), ms",
+    )
     variants: list[VariantMetricsOut]
     outcome_stats: OutcomeStatsOut
 

@@ -484,6 +484,7 @@ def _score_variant(
             label=label.item() if isinstance(label, np.generic) else label,
             latency_ms=latency_ms,
             scored_at_ms=scored_at,
+            input_ms=batch.timestamps[i],
         )
         kafka_key = kafka_keys[i]
         append(

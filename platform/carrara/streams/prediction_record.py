@@ -47,8 +47,11 @@ class Prediction(msgspec.Struct, kw_only=True, omit_defaults=True):
     shadow: bool = False
     score: float | list[float] | None = None
     label: Any = None
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # in-process: from the batch's start to this variant's scores
     scored_at_ms: int = 0
+    # The input record's Kafka timestamp (epoch ms): end-to-end latency is the prediction record's
+    # own timestamp minus this. Omitted when 0 (unknown, or written by an older scorer).
+    input_ms: int = 0
 
 
 _encoder = msgspec.json.Encoder()

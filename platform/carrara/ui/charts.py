@@ -70,18 +70,20 @@ def chart_data(metrics: MetricsOut) -> dict[str, Any]:
     for variant in metrics.variants:
         by_start: dict[datetime, MetricsPoint] = {p.bucket_start: p for p in variant.series}
         routed = variant.variant != UNROUTED
-        throughput, p50, p99, dead, quality = [], [], [], [], []
+        throughput, p50, p99, e2e_p50, e2e_p99, dead, quality = [], [], [], [], [], [], []
         for moment in axis:
             point = by_start.get(moment)
             if point is None:
                 throughput.append(0 if routed else None)
-                for values in (p50, p99, dead, quality):
+                for values in (p50, p99, e2e_p50, e2e_p99, dead, quality):
                     values.append(None)
                 continue
             # One bucket's events: per minute or per hour, as the bucket is.
             throughput.append(point.predictions if routed else None)
             p50.append(point.p50_latency_ms)
             p99.append(point.p99_latency_ms)
+            e2e_p50.append(point.p50_end_to_end_ms)
+            e2e_p99.append(point.p99_end_to_end_ms)
             whole = point.predictions + point.dead_letters if routed else events[moment]
             dead.append(_rate(point.dead_letters, whole))
             quality.append(getattr(point, metric_field))
@@ -93,8 +95,11 @@ def chart_data(metrics: MetricsOut) -> dict[str, Any]:
                 "shadow": variant.shadow,
                 "routed": routed,
                 "throughput": throughput,
+                # In-process scoring time, and end to end (input record -> prediction written).
                 "p50": p50,
                 "p99": p99,
+                "end_to_end_p50": e2e_p50,
+                "end_to_end_p99": e2e_p99,
                 "dead_letter_rate": dead,
                 "quality": quality,
                 "scores": [count / total for count in histogram] if total else [],
