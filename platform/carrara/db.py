@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from carrara.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with health-checked pooled connections."""
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:
+    """An engine with health-checked pooled connections (per process: README, Sizing the API)."""
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
 
 
 def libpq_conninfo(url: str) -> str:
@@ -28,7 +28,8 @@ def libpq_conninfo(url: str) -> str:
 @lru_cache
 def engine_for(url: str) -> Engine:
     """One shared engine (and connection pool) per database URL."""
-    return make_engine(url)
+    settings = get_settings()
+    return make_engine(url, settings.db_pool_size, settings.db_max_overflow)
 
 
 def get_engine() -> Engine:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Path
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from carrara.api_types import PG_INT_MAX, DbId
+from carrara.auth.cache import TokenCache
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
 from carrara.auth.service import authenticate
@@ -45,6 +46,7 @@ __all__ = [
     "bearer",
     "current_principal",
     "require",
+    "token_cache",
 ]
 
 # --- session, settings, pagination --------------------------------------------------------------
@@ -60,14 +62,22 @@ PageParamsDep = Annotated[PageParams, Depends(page_params)]
 bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer crr_…`")
 
 
+def token_cache(request: Request) -> TokenCache | None:
+    """The app's memory of recently verified tokens (`CARRARA_AUTH_CACHE_S`), if it has one."""
+    return getattr(request.app.state, "token_cache", None)
+
+
 def current_principal(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
-    """The principal behind the request's bearer token; 401 without a valid one."""
+    """The principal behind the request's bearer token; 401 without a valid one.
+
+    Answered from the token cache when the token was verified recently (no query)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("an API token is required: send `Authorization: Bearer <token>`")
-    return authenticate(session, credentials.credentials)
+    return authenticate(session, credentials.credentials, token_cache(request))
 
 
 def require(role: Role) -> Callable[[Principal], Principal]:

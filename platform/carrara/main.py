@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import structlog
@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI
 
 from carrara import __version__
 from carrara.audit.router import router as audit_router
+from carrara.auth.cache import TokenCache
 from carrara.auth.router import router as tokens_router
 from carrara.body_limit import BodyLimitMiddleware, RouteLimit
 from carrara.datasets.router import router as datasets_router
@@ -19,12 +20,14 @@ from carrara.deployments.router import router as deployments_router
 from carrara.deployments.router import scorers_router
 from carrara.errors import API_ERROR_RESPONSES, install_error_handlers
 from carrara.health.router import router as health_router
+from carrara.leadership import Leadership, StartLoops
 from carrara.logging_setup import configure_logging
 from carrara.monitoring.router import alerts_router
 from carrara.monitoring.router import router as monitoring_router
 from carrara.registry.router import router as models_router
 from carrara.secret_keys import deployment_signing_keys, session_secret
 from carrara.settings import Settings, get_settings
+from carrara.streams.resilience import LoopHealth
 from carrara.streams.topics import TopicAdmin
 from carrara.training.router import router as runs_router
 from carrara.ui.router import install_ui
@@ -50,42 +53,81 @@ def build_api_router() -> APIRouter:
     return api
 
 
-async def ensure_compacted_topic(settings: Settings, topic: str) -> None:
-    """Create compacted `topic` if needed; a Kafka outage only logs a warning."""
+def ensure_control_topics(settings: Settings) -> None:
+    """Create the deployments, scorer-status (compacted) and alerts topics if needed.
 
-    def _ensure() -> None:
-        TopicAdmin(settings.kafka_bootstrap, settings).ensure_compacted_topic(topic, timeout=10.0)
-
-    try:
-        await asyncio.to_thread(_ensure)
-    except Exception as exc:
-        # The API must start without Kafka; until the deployments topic exists, revisions wait in
-        # the outbox, and the status consumer waits for its topic.
-        log.warning("cannot ensure a compacted topic", topic=topic, error=str(exc))
-
-
-async def ensure_deployments_topic(settings: Settings) -> None:
-    """Create the compacted deployments topic if needed; a Kafka outage only logs a warning."""
-    await ensure_compacted_topic(settings, settings.deployments_topic)
-
-
-async def ensure_scorer_status_topic(settings: Settings) -> None:
-    """Create the compacted scorer-status topic if needed; a Kafka outage only logs a warning."""
-    await ensure_compacted_topic(settings, settings.scorer_status_topic)
+    A Kafka outage only logs a warning: until the topics exist, revisions and alerts wait in the
+    outbox and the status consumer waits for its topic.
+    """
+    admin = TopicAdmin(settings.kafka_bootstrap, settings)
+    for topic, compacted in (
+        (settings.deployments_topic, True),
+        (settings.scorer_status_topic, True),
+        (settings.alerts_topic, False),
+    ):
+        try:
+            if compacted:
+                admin.ensure_compacted_topic(topic, timeout=10.0)
+            else:
+                admin.create_topic(topic, 1, exist_ok=True, timeout=10.0)
+        except Exception as exc:
+            log.warning("cannot ensure a control topic", topic=topic, error=str(exc))
 
 
-async def ensure_alerts_topic(settings: Settings) -> None:
-    """Create the alerts topic if needed (alerts wait in the outbox until it exists)."""
+SINGLE_RUN_LOOPS = ("outbox-relay", "outbox-listener", "lost-run-reaper", "scorer-status")
 
-    def _ensure() -> None:
-        TopicAdmin(settings.kafka_bootstrap, settings).create_topic(
-            settings.alerts_topic, 1, exist_ok=True, timeout=10.0
+
+def single_run_loops(
+    app: FastAPI, settings: Settings, signing: tuple[str, bytes] | None, election: LoopHealth
+) -> StartLoops:
+    """What the elected process runs (`carrara.leadership`): the outbox relay with the lost-run
+    reaper on its thread, the LISTENer that wakes it on other processes' commits, and the
+    scorer-status consumer. `app.state.loops` lists the loops this process runs (`/healthz`)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from carrara.db import engine_for, libpq_conninfo
+    from carrara.deployments.status_consumer import StatusConsumer
+    from carrara.outbox.relay import BackgroundRelay, OutboxListener, OutboxRelay
+    from carrara.training.reaper import reap_lost_runs
+
+    def start() -> Callable[[], None]:
+        ensure_control_topics(settings)
+        sessions = sessionmaker(bind=engine_for(settings.database_url))
+        reap_every = max(1.0, settings.run_heartbeat_timeout_s / 4)
+        relay = BackgroundRelay(
+            OutboxRelay(settings.kafka_bootstrap, signing=signing),
+            sessions,
+            periodic=[(reap_every, lambda session: reap_lost_runs(session, settings))],
+            stall_after_s=settings.stall_timeout_s,
         )
+        listener = OutboxListener(libpq_conninfo(settings.database_url))
+        status_consumer = StatusConsumer(
+            settings.kafka_bootstrap,
+            settings.scorer_status_topic,
+            sessions,
+            stall_after_s=settings.stall_timeout_s,
+        )
+        relay.start()
+        listener.start()
+        status_consumer.start()
+        # Replaced, never mutated: /healthz may be reading the previous mapping.
+        app.state.loops = {
+            "leader-election": election,
+            "outbox-relay": relay.health,
+            "scorer-status": status_consumer.health,
+        }
+        app.state.single_run = list(SINGLE_RUN_LOOPS)
 
-    try:
-        await asyncio.to_thread(_ensure)
-    except Exception as exc:
-        log.warning("cannot ensure the alerts topic", topic=settings.alerts_topic, error=str(exc))
+        def stop() -> None:
+            app.state.single_run = []
+            app.state.loops = {"leader-election": election}
+            status_consumer.stop()
+            relay.stop()
+            listener.stop()
+
+        return stop
+
+    return start
 
 
 def body_limit_routes(settings: Settings) -> list[RouteLimit]:
@@ -110,51 +152,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        relay = None
-        listener = None
-        status_consumer = None
+        leadership = None
+        app.state.single_run = []
         if settings.outbox_relay_enabled:
-            await ensure_deployments_topic(settings)
-            await ensure_scorer_status_topic(settings)
-            await ensure_alerts_topic(settings)
-            from sqlalchemy.orm import sessionmaker
+            from carrara.db import libpq_conninfo
 
-            from carrara.db import engine_for, libpq_conninfo
-            from carrara.deployments.status_consumer import StatusConsumer
-            from carrara.outbox.relay import BackgroundRelay, OutboxListener, OutboxRelay
-            from carrara.training.reaper import reap_lost_runs
-
-            sessions = sessionmaker(bind=engine_for(settings.database_url))
-            reap_every = max(1.0, settings.run_heartbeat_timeout_s / 4)
-            relay = BackgroundRelay(
-                OutboxRelay(settings.kafka_bootstrap, signing=signing),
-                sessions,
-                periodic=[(reap_every, lambda session: reap_lost_runs(session, settings))],
-                stall_after_s=settings.stall_timeout_s,
+            health = LoopHealth("leader-election", settings.stall_timeout_s)
+            leadership = Leadership(
+                libpq_conninfo(settings.database_url),
+                single_run_loops(app, settings, signing, health),
+                health=health,
             )
-            relay.start()
-            listener = OutboxListener(libpq_conninfo(settings.database_url))
-            listener.start()
-            status_consumer = StatusConsumer(
-                settings.kafka_bootstrap,
-                settings.scorer_status_topic,
-                sessions,
-                stall_after_s=settings.stall_timeout_s,
-            )
-            status_consumer.start()
-            app.state.loops = {
-                "outbox-relay": relay.health,
-                "scorer-status": status_consumer.health,
-            }
+            app.state.loops = {"leader-election": health}
+            leadership.start()
+        app.state.leadership = leadership
         try:
             yield
         finally:
-            if status_consumer is not None:
-                status_consumer.stop()
-            if relay is not None:
-                relay.stop()
-            if listener is not None:
-                listener.stop()
+            if leadership is not None:
+                await asyncio.to_thread(leadership.stop)
 
     app = FastAPI(
         title="Carrara",
@@ -165,6 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         lifespan=lifespan,
     )
+    # Tokens verified in the last CARRARA_AUTH_CACHE_S seconds authenticate without a query.
+    app.state.token_cache = TokenCache(settings.auth_cache_s)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(build_api_router())

@@ -7,6 +7,7 @@ configuration. Connection URLs left unset are derived from the stack's ports, so
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_DB_PASSWORD = "carrara-dev"  # noqa: S105 - local-stack default, refused in production
 DEV_MLFLOW_DB_PASSWORD = "mlflow-dev"  # noqa: S105 - local-stack default, refused in production
 DEV_SECRET_KEY = "carrara-dev-secret-key-change-me"  # noqa: S105 - refused in production
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -131,6 +140,16 @@ class Settings(BaseSettings):
     max_topics_per_request: int = Field(default=4, ge=1, le=100)
     # /readyz answers from a cache this fresh, so probing it cannot load the dependencies.
     readyz_cache_s: float = Field(default=5.0, ge=0.0, le=300.0)
+
+    # --- capacity of the API (README: Sizing the API) ---
+    # uvicorn worker processes of the API (the local stack, docker-compose, the Helm chart).
+    api_workers: int = Field(default_factory=lambda: usable_cores(), ge=1, le=64)
+    # Database connections per process: the pool, and how many more it may open at a peak.
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_max_overflow: int = Field(default=10, ge=0, le=200)
+    # A bearer token's principal is remembered this long per process: a revoked token keeps
+    # working at most this long in the other processes (expiry is checked on every request).
+    auth_cache_s: float = Field(default=5.0, ge=0.0, le=60.0)
     # Address of the scorer's and the monitor's /metrics, /healthz, /readyz server.
     probes_host: str = "0.0.0.0"
 

@@ -13,8 +13,10 @@ from carrara.streams.resilience import LoopHealth
 def test_healthz_answers_while_the_process_is_up(client: TestClient) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
-    # The test app runs no background loops (the relay is driven by the tests themselves).
-    assert response.json() == {"status": "ok", "wedged": [], "loops": {}}
+    # The test app runs no background loops (the relay is driven by the tests themselves), and
+    # takes no part in the election of the process that runs the single-run loops.
+    body = response.json()
+    assert body == {"status": "ok", "wedged": [], "loops": {}, "single_run": [], "pid": body["pid"]}
 
 
 def test_healthz_reports_the_background_loops_and_fails_when_one_is_wedged(

@@ -11,6 +11,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from carrara.audit.service import record
+from carrara.auth.cache import TokenCache, forget_everywhere
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
 from carrara.errors import Conflict, Forbidden, NotFound, Unauthorized
@@ -71,9 +72,20 @@ def is_active(row: ApiToken, now: datetime | None = None) -> bool:
     return row.expires_at is None or (now or datetime.now(UTC)) < row.expires_at
 
 
-def authenticate(session: Session, secret: str) -> Principal:
-    """The principal behind a bearer token; 401 when unknown or revoked."""
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
+def authenticate(session: Session, secret: str, cache: TokenCache | None = None) -> Principal:
+    """The principal behind a bearer token; 401 when unknown, revoked or expired.
+
+    With a `cache`, a token verified less than `cache.ttl_s` ago is answered from memory (no
+    query); its expiry is still checked on every call (see carrara.auth.cache for the bounds).
+    """
+    token_hash = hash_token(secret)
+    if cache is not None:
+        hit = cache.get(token_hash)
+        if hit is not None:
+            if hit.expires_at is not None and datetime.now(UTC) >= hit.expires_at:
+                raise Unauthorized(f"token {hit.prefix}… expired at {hit.expires_at.isoformat()}")
+            return hit.principal
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash))
     if row is None:
         raise Unauthorized("the bearer token is not valid")
     if row.revoked_at is not None:
@@ -83,7 +95,10 @@ def authenticate(session: Session, secret: str) -> Principal:
         raise Unauthorized(f"token {row.prefix}… expired at {row.expires_at.isoformat()}")
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         row.last_used_at = now
-    return Principal(token_id=row.id, name=row.name, role=Role(row.role))
+    principal = Principal(token_id=row.id, name=row.name, role=Role(row.role))
+    if cache is not None:
+        cache.put(token_hash, principal, row.prefix, row.expires_at)
+    return principal
 
 
 def list_tokens(session: Session, params: PageParams) -> tuple[list[ApiToken], str | None]:
@@ -105,6 +120,7 @@ def revoke_token(session: Session, token_id: int, actor: Principal) -> ApiToken:
     if row.revoked_at is not None:
         raise Conflict(f"token {token_id} is already revoked")
     row.revoked_at = datetime.now(UTC)
+    forget_everywhere(row.id)
     record(
         session,
         actor,
@@ -135,6 +151,7 @@ def rotate_token(
         expires_in = row.expires_at - row.created_at
     new_row, secret = create_token(session, row.name, Role(row.role), actor, expires_in)
     row.revoked_at = now
+    forget_everywhere(row.id)
     record(
         session,
         actor,

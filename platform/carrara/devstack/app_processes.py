@@ -64,6 +64,9 @@ class ApiService(Service):
                 self.settings.host,
                 "--port",
                 str(self.port),
+                # Worker processes share the port; one of them (elected) runs the single-run loops.
+                "--workers",
+                str(self.settings.api_workers),
                 "--no-access-log",
             ],
             cwd=project_root(),

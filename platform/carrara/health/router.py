@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -22,15 +23,25 @@ router = APIRouter(tags=["health"])
 def healthz(request: Request) -> JSONResponse:
     """Liveness: the API process is up and serving, and its background loops turn.
 
-    Each Kafka loop (outbox relay, scorer-status consumer) is reported: `stalled` when it has had
+    One API process at a time (elected through a Postgres advisory lock: `leader-election`)
+    runs the single-run loops, listed in `single_run` with this process's `pid`. Each loop
+    (election, outbox relay, scorer-status consumer) is reported: `stalled` when it has had
     work it could not complete for the stall timeout (Kafka or Redis away: visible here and in
     the logs, but not fatal, since restarting the API cannot bring Kafka back and would take the
     UI away while operators need it); `wedged` when the loop itself stopped turning (stuck in a
     call): that fails liveness, so the orchestrator restarts the process.
     """
-    loops = loop_reports(getattr(request.app.state, "loops", {}))
+    state = request.app.state
+    loops = loop_reports(getattr(state, "loops", {}))
     wedged = [name for name, report in loops.items() if report["wedged"]]
-    body = {"status": "ok" if not wedged else "wedged", "wedged": wedged, "loops": loops}
+    body = {
+        "status": "ok" if not wedged else "wedged",
+        "wedged": wedged,
+        "loops": loops,
+        # The single-run loops this process runs (one API process at a time is elected).
+        "single_run": list(getattr(state, "single_run", [])),
+        "pid": os.getpid(),
+    }
     return JSONResponse(body, status_code=503 if wedged else 200)
 
 
