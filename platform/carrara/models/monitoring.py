@@ -38,6 +38,8 @@ class VariantMetrics(Base):
     """Per deployment, variant and minute: what was scored and how it did (no row per event)."""
 
     __tablename__ = "variant_metrics"
+    # A deployment's window ("the last hour") without walking its whole history per variant.
+    __table_args__ = (Index("ix_variant_metrics_deployment_bucket", "deployment", "bucket_start"),)
 
     deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
     variant: Mapped[str] = mapped_column(String(100), primary_key=True)
@@ -121,6 +123,7 @@ class FeatureDrift(Base):
     """Per deployment, feature and minute: live values counted in the training profile's bins."""
 
     __tablename__ = "feature_drift"
+    __table_args__ = (Index("ix_feature_drift_deployment_bucket", "deployment", "bucket_start"),)
 
     deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
     feature: Mapped[str] = mapped_column(String(200), primary_key=True)
