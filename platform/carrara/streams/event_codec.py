@@ -39,7 +39,23 @@ import msgspec
 import numpy as np
 import orjson
 
-from carrara.streams.event_schema import EventSchema, Feature, FeatureType, Task
+from carrara.streams.event_schema import (
+    REGISTRY_FORMATS,
+    EventFormat,
+    EventSchema,
+    Feature,
+    FeatureType,
+    NullPolicy,
+    Task,
+)
+from carrara.streams.registry_formats import (
+    HEADER_BYTES,
+    JsonSchemaId,
+    reader_for,
+    slots,
+    split_by_schema_id,
+)
+from carrara.streams.schema_registry import Registry, default_registry
 
 DEFAULT_BAD_EVENT_THRESHOLD = 0.01
 DEFAULT_MAX_BAD_SAMPLES = 20
@@ -74,7 +90,14 @@ def as_event_schema(schema: EventSchema | Mapping[str, Any]) -> EventSchema:
         return replace(schema, features=tuple(schema.features))
     try:
         features = tuple(
-            Feature(str(f["name"]), FeatureType(f["type"])) for f in schema["features"]
+            Feature(
+                str(f["name"]),
+                FeatureType(f["type"]),
+                path=f.get("path") or None,
+                nulls=NullPolicy(f.get("nulls") or NullPolicy.missing),
+                default=f.get("default"),
+            )
+            for f in schema["features"]
         )
         return EventSchema(
             key_field=str(schema["key_field"]),
@@ -82,6 +105,8 @@ def as_event_schema(schema: EventSchema | Mapping[str, Any]) -> EventSchema:
             task=Task(schema["task"]),
             label_field=schema.get("label_field") or None,
             event_time_field=schema.get("event_time_field") or None,
+            format=EventFormat(schema.get("format") or EventFormat.json),
+            subject=schema.get("subject") or None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise FeatureError(f"not a dataset schema ({type(exc).__name__}: {exc})") from exc
@@ -89,13 +114,30 @@ def as_event_schema(schema: EventSchema | Mapping[str, Any]) -> EventSchema:
 
 def schema_as_dict(schema: EventSchema) -> dict[str, Any]:
     """The JSON form of a schema (the inverse of `as_event_schema`)."""
-    return {
+    data: dict[str, Any] = {
         "key_field": schema.key_field,
         "event_time_field": schema.event_time_field,
         "label_field": schema.label_field,
         "task": str(schema.task),
-        "features": [{"name": f.name, "type": str(f.type)} for f in schema.features],
+        "features": [feature_as_dict(f) for f in schema.features],
     }
+    # JSON datasets keep the form older scorers read; registry formats say where records are.
+    if schema.format is not EventFormat.json:
+        data["format"] = str(schema.format)
+        data["subject"] = schema.subject
+    return data
+
+
+def feature_as_dict(feature: Feature) -> dict[str, Any]:
+    """A feature's JSON form: name and type, plus its path, null policy and default when set."""
+    data: dict[str, Any] = {"name": feature.name, "type": str(feature.type)}
+    if feature.path is not None:
+        data["path"] = feature.path
+    if feature.nulls is not NullPolicy.missing:
+        data["nulls"] = str(feature.nulls)
+    if feature.default is not None:
+        data["default"] = feature.default
+    return data
 
 
 def _check_schema(schema: EventSchema) -> None:
@@ -185,7 +227,7 @@ def _compile(schema: EventSchema, training: bool) -> _Compiled:
         # nulls converts to float64 in one pass (see `_numeric_matrix`).
         default = math.nan if feature.type in NUMERIC_TYPES else None
         fields.append((attr, _FEATURE_TYPES[feature.type], default))
-        rename[attr] = feature.name
+        rename[attr] = feature.field
         if feature.type in NUMERIC_TYPES:
             if feature.type is FeatureType.int:
                 int_columns.append(len(numeric))
@@ -206,6 +248,46 @@ def _compile(schema: EventSchema, training: bool) -> _Compiled:
         key_getter=operator.attrgetter("key"),
         label_getter=operator.attrgetter(label_attr) if label_attr else None,
         time_getter=operator.attrgetter(time_attr) if time_attr else None,
+    )
+
+
+@lru_cache(maxsize=64)
+def _compile_rows(schema: EventSchema, training: bool) -> _Compiled:
+    """Getters over the rows registry readers make: `(key, [event time], [label], *features)`."""
+    _check_schema(schema)
+    layout = slots(schema, training)
+    at = 1
+    time_at = label_at = None
+    if training and schema.event_time_field:
+        time_at, at = at, at + 1
+    if training and schema.label_field:
+        label_at, at = at, at + 1
+    numeric: list[str] = []
+    numeric_at: list[int] = []
+    int_columns: list[int] = []
+    categories: list[str] = []
+    category_at: list[int] = []
+    for feature in schema.features:
+        if feature.type in NUMERIC_TYPES:
+            if feature.type is FeatureType.int:
+                int_columns.append(len(numeric))
+            numeric.append(feature.name)
+            numeric_at.append(at)
+        elif feature.type is FeatureType.category:
+            categories.append(feature.name)
+            category_at.append(at)
+        at += 1
+    assert at == len(layout)
+    return _Compiled(
+        decode=None,
+        numeric=tuple(numeric),
+        numeric_getter=operator.itemgetter(*numeric_at) if numeric_at else None,
+        int_columns=tuple(int_columns),
+        categories=tuple(categories),
+        category_getters=tuple(operator.itemgetter(j) for j in category_at),
+        key_getter=operator.itemgetter(0),
+        label_getter=operator.itemgetter(label_at) if label_at is not None else None,
+        time_getter=operator.itemgetter(time_at) if time_at is not None else None,
     )
 
 
@@ -263,10 +345,25 @@ class EventDecoder:
         training: bool = True,
         max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES,
         expected_rows: int = 0,
+        registry: Registry | None = None,
     ) -> None:
         self.schema = as_event_schema(schema)
         self.training = training
-        self._c = _compile(self.schema, training)
+        fmt = self.schema.format
+        # Registry formats read the writer schema each record's id names (`registry`, default:
+        # the process's, from CARRARA_SCHEMA_REGISTRY_*); JSON Schema payloads are JSON.
+        self._registry = registry
+        if fmt in REGISTRY_FORMATS and fmt is not EventFormat.json_schema:
+            self._c = _compile_rows(self.schema, training)
+        else:
+            self._c = _compile(self.schema, training)
+        names = {f.name: f for f in self.schema.features}
+        self._reject_numeric = [
+            j for j, name in enumerate(self._c.numeric) if names[name].nulls is NullPolicy.reject
+        ]
+        self._reject_categories = [
+            name for name in self._c.categories if names[name].nulls is NullPolicy.reject
+        ]
         self.bad = BadEvents(max_samples=max_bad_samples)
         # `expected_rows` (the snapshot's event count) sizes the columns once: no regrowth and
         # no final concatenation, which would briefly need twice the matrix's memory.
@@ -286,7 +383,15 @@ class EventDecoder:
         partitions: Sequence[int] | np.ndarray,
         offsets: Sequence[int] | np.ndarray,
     ) -> None:
-        """Decode one batch of raw event values (with where each came from)."""
+        """Decode one batch of raw event values (with where each came from).
+
+        Registry formats raise `RegistryUnavailable` when the registry does not answer (the batch
+        can be retried); every other problem makes the event bad, with the reason.
+        """
+        if self.schema.format is not EventFormat.json:
+            events, parts, offs = self._decode_registry(values, partitions, offsets)
+            self._accumulate(events, parts, offs)
+            return
         c = self._c
         decode = c.decode
         try:
@@ -296,11 +401,84 @@ class EventDecoder:
         except (msgspec.DecodeError, TypeError):
             # Rare path: find the bad events one by one (a batch is a few thousand at most).
             events, parts, offs = self._decode_one_by_one(values, partitions, offsets)
+        self._accumulate(events, parts, offs)
+
+    def _decode_registry(
+        self,
+        values: Sequence[bytes | None],
+        partitions: Sequence[int] | np.ndarray,
+        offsets: Sequence[int] | np.ndarray,
+    ) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """Rows of framed records, each decoded with its writer schema; bad ones noted."""
+        parts = np.asarray(partitions, dtype=np.int32)
+        offs = np.asarray(offsets, dtype=np.int64)
+        groups, bad = split_by_schema_id(values)
+        if self._registry is None:
+            self._registry = default_registry()
+        rows: list[Any] = []
+        good: list[int] = []
+        whole = not bad and len(groups) == 1
+        for schema_id, indexes in groups.items():
+            reader = reader_for(self._registry, self.schema, self.training, schema_id)
+            chosen: Sequence[bytes] = (
+                values if whole else [values[i] for i in indexes]  # type: ignore[misc]
+            )
+            if isinstance(reader, JsonSchemaId):
+                got, kept, failed = self._decode_json_payloads(chosen, indexes)
+            else:
+                got, kept, failed = reader.rows(chosen, indexes)
+            rows.extend(got)
+            good.extend(kept)
+            bad.extend(failed)
+        if len(groups) > 1:  # back in batch order
+            order = sorted(range(len(good)), key=good.__getitem__)
+            rows = [rows[k] for k in order]
+            good = [good[k] for k in order]
+        for i, reason in sorted(bad):
+            self.bad.add(int(parts[i]), int(offs[i]), reason)
+        return rows, parts[good], offs[good]
+
+    def _decode_json_payloads(
+        self, values: Sequence[bytes], indexes: Sequence[int]
+    ) -> tuple[list[Any], list[int], list[tuple[int, str]]]:
+        decode = self._c.decode
+        events: list[Any] = []
+        good: list[int] = []
+        bad: list[tuple[int, str]] = []
+        for value, i in zip(values, indexes, strict=True):
+            try:
+                events.append(decode(value[HEADER_BYTES:]))
+            except msgspec.ValidationError as exc:
+                bad.append((i, str(exc)))
+                continue
+            except msgspec.DecodeError as exc:
+                bad.append((i, f"not JSON: {exc}"))
+                continue
+            good.append(i)
+        return events, good, bad
+
+    def _accumulate(self, events: list[Any], parts: np.ndarray, offs: np.ndarray) -> None:
+        """Append decoded events (structs or rows) to the columns, after the value checks."""
+        c = self._c
         n = len(events)
         if n == 0:
             return
         numeric = _numeric_matrix(events, c)
         keep = np.ones(n, dtype=bool)
+        for j in self._reject_numeric:
+            for i in np.flatnonzero(np.isnan(numeric[:, j]) & keep):
+                keep[i] = False
+                self.bad.add(
+                    int(parts[i]), int(offs[i]), f"null or missing at `{self._field(c.numeric[j])}`"
+                )
+        for name in self._reject_categories:
+            getter = c.category_getters[c.categories.index(name)]
+            for i, value in enumerate(map(getter, events)):
+                if value is None and keep[i]:
+                    keep[i] = False
+                    self.bad.add(
+                        int(parts[i]), int(offs[i]), f"null or missing at `{self._field(name)}`"
+                    )
         for j in c.int_columns:
             column = numeric[:, j]
             fractional = np.isfinite(column) & (column != np.trunc(column))
@@ -337,6 +515,9 @@ class EventDecoder:
                 )
             else:
                 self._labels.extend(map(c.label_getter, events))
+
+    def _field(self, name: str) -> str:
+        return next(f.field for f in self.schema.features if f.name == name)
 
     def _decode_one_by_one(
         self,

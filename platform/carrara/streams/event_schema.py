@@ -30,6 +30,25 @@ class FeatureType(StrEnum):
     string = "string"
 
 
+class EventFormat(StrEnum):
+    """How a dataset's records are encoded (README: Event formats)."""
+
+    json = "json"  # a JSON object per record, no framing
+    avro = "avro"  # Confluent wire format: magic byte 0, 4-byte schema id, Avro binary
+    protobuf = "protobuf"  # ... message indexes, then the Protobuf message
+    json_schema = "json_schema"  # ... then a JSON object
+
+
+REGISTRY_FORMATS = (EventFormat.avro, EventFormat.protobuf, EventFormat.json_schema)
+
+
+class NullPolicy(StrEnum):
+    """How a feature reads a null (or a field its record's schema does not have)."""
+
+    missing = "missing"  # a missing value (NaN; no category), which trainers handle
+    reject = "reject"  # the event is bad (dead-lettered by scorers)
+
+
 class Task(StrEnum):
     binary = "binary"
     multiclass = "multiclass"
@@ -41,6 +60,18 @@ class Task(StrEnum):
 class Feature:
     name: str
     type: FeatureType
+    # Registry formats: where the value is in the record (dots for nested fields, e.g.
+    # `payment.amount`); None = the field named like the feature.
+    path: str | None = None
+    nulls: NullPolicy = NullPolicy.missing
+    # The value a record gets when its writer schema lacks the field (the reader schema's default,
+    # read when the dataset was checked against its subject); None: a missing value.
+    default: float | int | str | bool | None = None
+
+    @property
+    def field(self) -> str:
+        """The field path the value is read from."""
+        return self.path or self.name
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,10 @@ class EventSchema:
     task: Task
     label_field: str | None = None
     event_time_field: str | None = None
+    format: EventFormat = EventFormat.json
+    # Registry formats: the subject whose schemas the records are written with (for the checks and
+    # the UI; decoding uses the schema id each record names).
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
