@@ -43,6 +43,7 @@ def create_dataset(
         **DatasetOut.model_validate(created.dataset).model_dump(),
         topic_created=created.topic_created,
         sample_size=created.sample_size,
+        subject_version=created.subject_version,
     )
 
 

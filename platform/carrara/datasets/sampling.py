@@ -10,7 +10,15 @@ from sqlalchemy.orm import Session
 
 from carrara.datasets.service import event_schema, get_dataset
 from carrara.models import Dataset
-from carrara.streams.event_schema import decode_event, validate_events
+from carrara.streams.event_codec import EventDecoder
+from carrara.streams.event_schema import REGISTRY_FORMATS, decode_event, validate_events
+from carrara.streams.registry_formats import decode_for_display
+from carrara.streams.schema_registry import (
+    Registry,
+    RegistryUnavailable,
+    SchemaNotFound,
+    default_registry,
+)
 from carrara.streams.snapshot import SampledEvent, TopicNotFound, read_recent_events
 
 SAMPLE_SIZE = 20
@@ -39,8 +47,48 @@ class TopicSample:
     problem: str = ""
 
 
-def sample_rows(dataset: Dataset, events: list[SampledEvent]) -> list[SampleRow]:
+def _registry_rows(
+    dataset: Dataset, events: list[SampledEvent], registry: Registry
+) -> list[SampleRow]:
+    """Framed records decoded with their writer schema; what training would say of each."""
+    schema = event_schema(dataset)
+    rows = []
+    for event in events:
+        record, schema_id, problem = decode_for_display(registry, schema.format, event.value)
+        decoder = EventDecoder(schema, registry=registry)
+        decoder.add_batch([event.value], [event.partition], [event.offset])
+        reasons = [str(s["reason"]) for s in decoder.result().bad.samples]
+        if record is not None:
+            shown = orjson.dumps(record, option=orjson.OPT_INDENT_2, default=str).decode()
+            shown = f"// writer schema id {schema_id}\n{shown}"
+        else:
+            shown = problem or ""
+        if len(shown) > MAX_SHOWN_BYTES:
+            shown = shown[:MAX_SHOWN_BYTES] + "\n…"
+        key: object = None
+        if record is not None:
+            key = record
+            for part in dataset.key_field.split("."):
+                key = key.get(part) if isinstance(key, dict) else None
+        rows.append(
+            SampleRow(
+                partition=event.partition,
+                offset=event.offset,
+                timestamp_ms=event.timestamp_ms,
+                key_text="—" if key is None else str(key),
+                value_text=shown,
+                mismatches=reasons,
+            )
+        )
+    return rows
+
+
+def sample_rows(
+    dataset: Dataset, events: list[SampledEvent], registry: Registry | None = None
+) -> list[SampleRow]:
     """Recent events with the schema fields each one disagrees with (the API's schema check)."""
+    if dataset.format in REGISTRY_FORMATS:
+        return _registry_rows(dataset, events, registry or default_registry())
     schema = event_schema(dataset)
     rows = []
     for event in events:
@@ -85,4 +133,35 @@ def sample_topic(
         return TopicSample(dataset, problem=f"Topic {dataset.topic} no longer exists in Kafka.")
     except KafkaException as exc:
         return TopicSample(dataset, problem=f"Kafka at {bootstrap} did not answer: {exc.args[0]}")
-    return TopicSample(dataset, sample_rows(dataset, events))
+    try:
+        return TopicSample(dataset, sample_rows(dataset, events))
+    except RegistryUnavailable as exc:
+        return TopicSample(dataset, problem=str(exc))
+
+
+@dataclass
+class SubjectView:
+    """A registry dataset's subject as the dataset page shows it: versions and field mapping."""
+
+    subject: str
+    versions: list[int] = field(default_factory=list)
+    latest_id: int | None = None
+    problem: str = ""
+
+
+def subject_view(
+    fmt: str, subject: str | None, registry: Registry | None = None
+) -> SubjectView | None:
+    """The subject of a registry-format dataset (None for JSON); problems reported, not raised."""
+    if fmt not in REGISTRY_FORMATS or not subject:
+        return None
+    registry = registry or default_registry()
+    view = SubjectView(subject)
+    try:
+        view.versions = registry.versions(subject)
+        view.latest_id = registry.latest(subject).schema_id
+    except SchemaNotFound:
+        view.problem = f"Subject {subject} has no schema in the Schema Registry."
+    except RegistryUnavailable as exc:
+        view.problem = str(exc)
+    return view

@@ -5,7 +5,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from carrara.streams.event_schema import FeatureType, Task
+from carrara.streams.event_schema import (
+    REGISTRY_FORMATS,
+    EventFormat,
+    FeatureType,
+    NullPolicy,
+    Task,
+)
 from carrara.streams.snapshot import SnapshotMode
 
 if TYPE_CHECKING:
@@ -35,6 +41,16 @@ TopicName = Annotated[
     str, Field(min_length=1, max_length=249, pattern=TOPIC_PATTERN, examples=["payments"])
 ]
 FieldName = Annotated[str, Field(min_length=1, max_length=200, pattern=FIELD_PATTERN)]
+# A field in a registry-format record: names joined by dots for nested fields (payment.amount).
+FIELD_PATH_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+FieldPath = Annotated[
+    str,
+    Field(min_length=1, max_length=400, pattern=FIELD_PATH_PATTERN, examples=["payment.amount"]),
+]
+# Schema Registry subject names (any text but control characters).
+SubjectName = Annotated[
+    str, Field(min_length=1, max_length=255, pattern=FIELD_PATTERN, examples=["payments-value"])
+]
 Description = Annotated[str, Field(max_length=10_000, pattern=TEXT_PATTERN)]
 Owner = Annotated[str, Field(max_length=200, pattern=TEXT_PATTERN)]
 
@@ -44,6 +60,21 @@ class FeatureSpec(BaseModel):
 
     name: FieldName
     type: FeatureType
+    path: FieldPath | None = Field(
+        default=None,
+        description="Registry formats: the field in the record (dots for nested fields); "
+        "default: the field named like the feature.",
+    )
+    nulls: NullPolicy = Field(
+        default=NullPolicy.missing,
+        description="`missing`: a null (or a field the record's schema lacks) is a missing value; "
+        "`reject`: the event is bad.",
+    )
+    default: float | int | str | bool | None = Field(
+        default=None,
+        description="Registry formats: the value of records whose schema lacks the field "
+        "(filled from the subject's schema default when not given).",
+    )
 
 
 class CreateTopic(BaseModel):
@@ -66,6 +97,15 @@ class DatasetCreate(BaseModel):
         default=None, description="Required unless the task is `anomaly` (unlabeled)."
     )
     task: Task
+    format: EventFormat = Field(
+        default=EventFormat.json,
+        description="How records are encoded: `json` (a JSON object), or `avro`, `protobuf`, "
+        "`json_schema` in the Schema Registry wire format.",
+    )
+    subject: SubjectName | None = Field(
+        default=None,
+        description="Registry formats: the Schema Registry subject (default `<topic>-value`).",
+    )
     description: Description = ""
     owner: Owner = ""
     create_topic: CreateTopic | None = Field(
@@ -99,6 +139,28 @@ class DatasetCreate(BaseModel):
         given = [f for f in roles.values() if f is not None]
         if len(set(given)) < len(given):
             raise ValueError("the key, label and event-time fields must be different fields")
+        if self.format not in REGISTRY_FORMATS:
+            if self.subject is not None:
+                raise ValueError("`subject` applies to the registry formats, not json")
+            if any(f.path is not None or f.default is not None for f in self.features):
+                raise ValueError("feature `path` and `default` apply to the registry formats")
+        elif self.subject is None:
+            self.subject = f"{self.topic}-value"
+        if self.format is EventFormat.json_schema:
+            nested = [
+                p
+                for p in (
+                    self.key_field,
+                    self.label_field,
+                    self.event_time_field,
+                    *(f.path for f in self.features),
+                )
+                if p and "." in p
+            ]
+            if nested:
+                raise ValueError(
+                    f"json_schema datasets read top-level fields; nested: {', '.join(nested)}"
+                )
         if all(f.type is FeatureType.string for f in self.features):
             raise ValueError(
                 "at least one feature must be float, int, bool or category "
@@ -125,6 +187,8 @@ class DatasetOut(BaseModel):
     label_field: str | None
     task: Task
     features: list[FeatureSpec]
+    format: EventFormat = EventFormat.json
+    subject: str | None = None
     description: str
     owner: str
     created_by: str
@@ -135,7 +199,12 @@ class DatasetCreated(DatasetOut):
     topic_created: bool = Field(description="True when this call created the Kafka topic.")
     sample_size: int = Field(
         description="How many recent events the schema was checked against (0: empty topic, "
-        "nothing to check)."
+        "nothing to check; registry formats are checked against the subject's schema instead)."
+    )
+    subject_version: int | None = Field(
+        default=None,
+        description="Registry formats: the version of the subject the features were checked "
+        "against (its latest).",
     )
 
 

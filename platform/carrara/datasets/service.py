@@ -17,13 +17,32 @@ from carrara.datasets.schemas import DatasetCreate, SnapshotCreate
 from carrara.errors import Conflict, Invalid, NotFound, Unavailable
 from carrara.models import Dataset, DatasetVersion, TrainingRun
 from carrara.pagination import PageParams, paginate
-from carrara.streams.event_schema import EventSchema, Feature, FeatureType, Task, validate_events
+from carrara.streams.event_codec import feature_as_dict
+from carrara.streams.event_schema import (
+    REGISTRY_FORMATS,
+    EventFormat,
+    EventSchema,
+    Feature,
+    FeatureType,
+    NullPolicy,
+    Task,
+    validate_events,
+)
+from carrara.streams.registry_formats import check_registered_schema
+from carrara.streams.schema_registry import (
+    Registry,
+    RegistryUnavailable,
+    SchemaNotFound,
+    SubjectVersion,
+    default_registry,
+)
 from carrara.streams.snapshot import (
     PartitionRange,
     SnapshotError,
     TopicNotFound,
     read_recent_events,
     snapshot_offsets,
+    topic_partitions,
 )
 from carrara.streams.topics import TopicAdmin
 from carrara.topic_policy import TopicPolicy
@@ -39,17 +58,68 @@ class CreatedDataset:
     dataset: Dataset
     topic_created: bool
     sample_size: int
+    subject_version: int | None = None
+
+
+def _feature(data: dict[str, Any]) -> Feature:
+    return Feature(
+        data["name"],
+        FeatureType(data["type"]),
+        path=data.get("path") or None,
+        nulls=NullPolicy(data.get("nulls") or NullPolicy.missing),
+        default=data.get("default"),
+    )
 
 
 def event_schema(dataset: Dataset) -> EventSchema:
     """The event schema a dataset declares."""
+    fmt = EventFormat(dataset.format or EventFormat.json)
     return EventSchema(
         key_field=dataset.key_field,
-        features=tuple(Feature(f["name"], FeatureType(f["type"])) for f in dataset.features),
+        features=tuple(_feature(f) for f in dataset.features),
         task=Task(dataset.task),
         label_field=dataset.label_field,
         event_time_field=dataset.event_time_field,
+        format=fmt,
+        subject=dataset.subject if fmt in REGISTRY_FORMATS else None,
     )
+
+
+def check_subject(
+    schema: EventSchema, registry: Registry | None = None
+) -> tuple[SubjectVersion, list[Feature]]:
+    """Check `schema`'s fields against its subject's latest schema: 422 naming each missing or
+    mistyped field; 503 when the registry does not answer. Returns the version checked and the
+    features with the defaults the schema declares filled in (where none was given)."""
+    assert schema.subject is not None
+    registry = registry or default_registry()
+    try:
+        latest = registry.latest(schema.subject)
+    except SchemaNotFound as exc:
+        raise Invalid(
+            f"subject '{schema.subject}' has no schema in the Schema Registry: register the "
+            "schema first (producers usually do on their first record)",
+            errors=[{"field": "subject", "message": f"no subject '{schema.subject}'"}],
+        ) from exc
+    except RegistryUnavailable as exc:
+        raise Unavailable(str(exc)) from exc
+    mismatches, defaults = check_registered_schema(schema, latest.schema)
+    if mismatches:
+        fields = ", ".join(f"'{m.field}'" for m in mismatches)
+        raise Invalid(
+            f"the fields do not match version {latest.version} (the latest) of subject "
+            f"'{schema.subject}': check {fields}",
+            errors=[m.as_dict() for m in mismatches],
+            subject=schema.subject,
+            subject_version=latest.version,
+        )
+    features = [
+        f
+        if f.default is not None or f.field not in defaults
+        else Feature(f.name, f.type, f.path, f.nulls, defaults[f.field])
+        for f in schema.features
+    ]
+    return latest, features
 
 
 def as_audit(dataset: Dataset) -> dict[str, Any]:
@@ -62,6 +132,8 @@ def as_audit(dataset: Dataset) -> dict[str, Any]:
         "label_field": dataset.label_field,
         "task": dataset.task,
         "features": dataset.features,
+        "format": dataset.format,
+        "subject": dataset.subject,
         "description": dataset.description,
         "owner": dataset.owner,
     }
@@ -112,7 +184,10 @@ def create_dataset(
         policy.check_creation([(data.topic, data.create_topic.partitions)])
     if session.scalar(select(exists().where(Dataset.name == data.name))):
         raise Conflict(f"dataset '{data.name}' already exists")
-    features = [{"name": f.name, "type": f.type.value} for f in data.features]
+    registry_format = data.format in REGISTRY_FORMATS
+    features = [
+        feature_as_dict(Feature(f.name, f.type, f.path, f.nulls, f.default)) for f in data.features
+    ]
     dataset = Dataset(
         name=data.name,
         topic=data.topic,
@@ -121,14 +196,24 @@ def create_dataset(
         label_field=data.label_field,
         task=data.task.value,
         features=features,
+        format=data.format.value,
+        subject=data.subject if registry_format else None,
         description=data.description,
         owner=data.owner,
         created_by=principal.name,
     )
+    checked: SubjectVersion | None = None
+    if registry_format:
+        # The subject's latest schema says what every field is: no need to sample events.
+        checked, with_defaults = check_subject(event_schema(dataset))
+        dataset.features = [feature_as_dict(f) for f in with_defaults]
     try:
         if data.create_topic is not None:
             _create_topic(bootstrap, data.topic, data.create_topic.partitions)
             sample = []  # a topic created just now holds nothing to check
+        elif registry_format:
+            topic_partitions(bootstrap, data.topic, KAFKA_TIMEOUT)
+            sample = []
         else:
             sample = read_recent_events(bootstrap, data.topic, SAMPLE_SIZE, KAFKA_TIMEOUT)
     except TopicNotFound as exc:
@@ -165,10 +250,17 @@ def create_dataset(
         detail=(
             f"topic created with {data.create_topic.partitions} partitions"
             if data.create_topic
+            else f"fields checked against version {checked.version} of subject {checked.subject}"
+            if checked is not None
             else f"schema checked against {len(sample)} recent events"
         ),
     )
-    return CreatedDataset(dataset, data.create_topic is not None, len(sample))
+    return CreatedDataset(
+        dataset,
+        data.create_topic is not None,
+        len(sample),
+        checked.version if checked is not None else None,
+    )
 
 
 def list_datasets(

@@ -155,6 +155,11 @@ class DeploymentPut(BaseModel):
     pool: str = Field(
         default="default", pattern=NAME_PATTERN, max_length=100, description="Scorer pool"
     )
+    output_format: Literal["json", "avro"] = Field(
+        default="json",
+        description="`avro`: predictions in Avro, framed with the id of the prediction schema "
+        "registered under `<output_topic>-value` in the Schema Registry",
+    )
     variants: list[VariantIn] = Field(min_length=1, max_length=MAX_VARIANTS)
     description: str = Field(default="", max_length=2000)
     monitoring: MonitoringConfig | None = Field(
@@ -207,6 +212,7 @@ class DeploymentSpecOut(BaseModel):
     output_topic: str
     key_field: str
     pool: str
+    output_format: Literal["json", "avro"] = "json"
     description: str
     variants: list[VariantOut]
     # Left out when absent, so a spec without them reads as it did before they existed.

@@ -89,6 +89,8 @@ def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
         "description": body.description,
         "variants": variants,
     }
+    if body.output_format != "json":  # only when set: JSON specs keep their hash
+        spec["output_format"] = body.output_format
     if body.monitoring is not None:
         spec["monitoring"] = body.monitoring.model_dump(mode="json")
     if body.policy is not None:
@@ -273,6 +275,7 @@ def wire_spec(
         output_topic=spec["output_topic"],
         key_field=spec["key_field"],
         pool=spec["pool"],
+        output_format=spec.get("output_format", "json"),
         variants=tuple(
             VariantSpec(
                 name=v["name"],

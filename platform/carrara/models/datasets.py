@@ -21,7 +21,11 @@ class Dataset(TimestampMixin, Base):
     event_time_field: Mapped[str | None] = mapped_column(String(200))
     label_field: Mapped[str | None] = mapped_column(String(200))
     task: Mapped[str] = mapped_column(String(20))
+    # [{"name", "type"} + for registry formats optionally "path", "nulls", "default"]
     features: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
+    # json | avro | protobuf | json_schema; registry formats name their subject.
+    format: Mapped[str] = mapped_column(String(20), default="json", server_default="json")
+    subject: Mapped[str | None] = mapped_column(String(255))
     description: Mapped[str] = mapped_column(Text, default="")
     owner: Mapped[str] = mapped_column(String(200), default="")
     created_by: Mapped[str] = mapped_column(String(100), default="")

@@ -17,7 +17,7 @@ and its files' digests pinned like any other version's; it deploys like a traine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,14 +27,14 @@ from sqlalchemy.orm import Session
 from carrara.artifacts import sha256_bytes
 from carrara.audit.service import record
 from carrara.auth.principal import Principal
-from carrara.datasets.service import get_dataset
+from carrara.datasets.service import event_schema, get_dataset
 from carrara.errors import Invalid, Unavailable
 from carrara.models import Dataset, ModelVersion
 from carrara.registry import mlflow_sync
 from carrara.registry.schemas import OnnxDeclaration
 from carrara.registry.service import register_version
 from carrara.streams.event_codec import FeatureError, FeatureSpec
-from carrara.streams.event_schema import EventSchema, Feature, FeatureType, Task
+from carrara.streams.event_schema import FeatureType, Task
 from carrara.streams.snapshot import TopicNotFound, read_recent_events
 
 ALGORITHM = "onnx-upload"
@@ -88,11 +88,13 @@ def feature_spec_for(dataset: Dataset, declaration: OnnxDeclaration) -> FeatureS
     label_field = dataset.label_field
     if task != "anomaly" and not label_field:
         label_field = "_label"  # the scorer reads no label; the schema needs a name for one
-    schema = EventSchema(
-        key_field=dataset.key_field,
-        features=tuple(Feature(n, types[n]) for n in declaration.features),
+    declared = {f.name: f for f in event_schema(dataset).features}
+    schema = replace(
+        event_schema(dataset),
+        features=tuple(replace(declared[n], type=types[n]) for n in declaration.features),
         task=Task(task),
         label_field=label_field,
+        event_time_field=None,
     )
     classes = declaration.classes
     if task == "binary" and classes is None:

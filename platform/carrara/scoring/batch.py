@@ -40,7 +40,7 @@ from carrara.streams.prediction_record import (
     Prediction,
     batch_headers,
     dead_letter_headers,
-    encode_prediction,
+    prediction_encoder,
 )
 
 
@@ -457,7 +457,8 @@ def _score_variant(
     topic, output = batch.topic, deployment.output_topic
     topic_bytes = topic.encode()
     append = result.records.append
-    encode = encode_prediction
+    # JSON, or Avro framed with the prediction schema's registry id (`output_format: avro`).
+    encode = prediction_encoder(deployment.output_format, output)
     keys, partitions, offsets, kafka_keys = (
         routing.events.keys,
         batch.partitions,

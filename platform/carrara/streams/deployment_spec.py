@@ -11,7 +11,7 @@ This module is self-contained (msgspec only): scorers decode records without the
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -58,6 +58,9 @@ class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True):
     pool: str | None = None
     variants: tuple[VariantSpec, ...] = ()
     format_version: int = FORMAT_VERSION
+    # How predictions are written: JSON objects, or Avro framed with the id of the prediction
+    # schema registered under `<output topic>-value` (README: Event formats).
+    output_format: Literal["json", "avro"] = "json"
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError raised here into a ValidationError on decode.

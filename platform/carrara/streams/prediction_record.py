@@ -8,11 +8,18 @@ headers saying what went wrong and where the event came from.
 
 from __future__ import annotations
 
+import io
+import threading
+from collections.abc import Callable
 from typing import Any
 
+import fastavro
 import msgspec
+import orjson
+from confluent_kafka.schema_registry import Schema
 
 from carrara.streams.consumed import Headers
+from carrara.streams.schema_registry import Registry, default_registry, frame
 
 H_DEPLOYMENT = "carrara-deployment"
 H_REVISION = "carrara-revision"
@@ -115,3 +122,86 @@ def dead_letter_headers(
         (H_SOURCE_PARTITION, str(partition).encode()),
         (H_SOURCE_OFFSET, str(offset).encode()),
     ]
+
+
+# --- Avro output (`output_format: avro`) ------------------------------------------------------
+
+# The prediction record in Avro: the JSON record's fields, in the same order. Registered under
+# `<output topic>-value`; records are framed with its id (Confluent wire format), so consumers
+# read them with their usual deserializers (confluent-kafka's AvroDeserializer, Kafka Connect...).
+PREDICTION_AVRO_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "Prediction",
+    "namespace": "io.carrara",
+    "doc": "One prediction of a Carrara deployment for one input event.",
+    "fields": [
+        {"name": "key", "type": ["null", "string"], "default": None},
+        {"name": "topic", "type": "string"},
+        {"name": "partition", "type": "int"},
+        {"name": "offset", "type": "long"},
+        {"name": "deployment", "type": "string"},
+        {"name": "revision", "type": "int"},
+        {"name": "variant", "type": "string"},
+        {"name": "model", "type": "string"},
+        {"name": "model_version", "type": "int"},
+        {"name": "shadow", "type": "boolean", "default": False},
+        {
+            "name": "score",
+            "type": ["null", "double", {"type": "array", "items": "double"}],
+            "default": None,
+        },
+        {"name": "label", "type": ["null", "boolean", "long", "double", "string"], "default": None},
+        {"name": "latency_ms", "type": "double", "default": 0.0},
+        {"name": "scored_at_ms", "type": "long", "default": 0},
+        {"name": "input_ms", "type": "long", "default": 0},
+    ],
+}
+_FIELDS = tuple(f["name"] for f in PREDICTION_AVRO_SCHEMA["fields"])
+
+
+class AvroPredictionEncoder:
+    """Predictions as Avro records framed with the registered prediction schema's id."""
+
+    def __init__(self, registry: Registry, subject: str) -> None:
+        self.subject = subject
+        self.schema_id = registry.register(
+            subject, Schema(orjson.dumps(PREDICTION_AVRO_SCHEMA).decode(), "AVRO")
+        )
+        self._parsed = fastavro.parse_schema(PREDICTION_AVRO_SCHEMA)
+        self._header = frame(self.schema_id, b"")
+
+    def __call__(self, prediction: Prediction) -> bytes:
+        record = {name: getattr(prediction, name) for name in _FIELDS}
+        label = record["label"]
+        if label is not None and not isinstance(label, (bool, int, float, str)):
+            record["label"] = str(label)
+        out = io.BytesIO()
+        out.write(self._header)
+        fastavro.schemaless_writer(out, self._parsed, record)
+        return out.getvalue()
+
+
+_avro_encoders: dict[tuple[str, str], AvroPredictionEncoder] = {}
+_avro_lock = threading.Lock()
+
+
+def avro_prediction_encoder(
+    output_topic: str, registry: Registry | None = None
+) -> AvroPredictionEncoder:
+    """The Avro encoder of `output_topic` (the schema registered once per process and topic);
+    RegistryUnavailable when the registry does not answer (the scorer retries the batch)."""
+    registry = registry or default_registry()
+    key = (registry.url, output_topic)
+    found = _avro_encoders.get(key)
+    if found is None:
+        found = AvroPredictionEncoder(registry, f"{output_topic}-value")
+        with _avro_lock:
+            _avro_encoders[key] = found
+    return found
+
+
+def prediction_encoder(output_format: str, output_topic: str) -> Callable[[Prediction], bytes]:
+    """How a deployment's predictions are encoded: JSON, or Avro through the registry."""
+    if output_format == "avro":
+        return avro_prediction_encoder(output_topic)
+    return encode_prediction

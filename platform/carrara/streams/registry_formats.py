@@ -29,6 +29,7 @@ import orjson
 from confluent_kafka.schema_registry import Schema
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
 
 from carrara.streams.event_schema import EventFormat, EventSchema, FieldMismatch, Task
 from carrara.streams.schema_registry import (
@@ -772,3 +773,43 @@ def check_registered_schema(
                 )
             )
     return mismatches, defaults
+
+
+# --- showing a record -----------------------------------------------------------------------
+
+
+def decode_for_display(
+    registry: Registry, fmt: EventFormat, value: bytes | None
+) -> tuple[dict[str, Any] | None, int | None, str | None]:
+    """A framed record as a dict (every field of its writer schema), its schema id, or why not.
+
+    For people (the UI's live sample), not for the hot path. RegistryUnavailable propagates.
+    """
+    if value is None:
+        return None, None, TOMBSTONE
+    if len(value) <= HEADER_BYTES or value[0] != MAGIC:
+        return None, None, NO_FRAMING
+    schema_id = int.from_bytes(value[1:HEADER_BYTES], "big")
+    try:
+        registered = registry.writer_schema(schema_id)
+    except SchemaNotFound:
+        return None, schema_id, f"unknown schema id {schema_id} (not in the Schema Registry)"
+    try:
+        if fmt is EventFormat.avro:
+            parsed = fastavro.parse_schema(orjson.loads(registered.schema_str or "null"))
+            stream = io.BytesIO(value)
+            stream.seek(HEADER_BYTES)
+            record = fastavro.schemaless_reader(stream, parsed, None)
+            return orjson.loads(orjson.dumps(record, default=str)), schema_id, None
+        if fmt is EventFormat.protobuf:
+            file = proto_file(registered.schema_str or "")
+            indexes, start = _message_indexes(value, HEADER_BYTES)
+            descriptor = _message_at(_proto_pool(file), file, indexes)
+            message = message_factory.GetMessageClass(descriptor).FromString(value[start:])
+            return MessageToDict(message, preserving_proto_field_name=True), schema_id, None
+        decoded = orjson.loads(value[HEADER_BYTES:])
+        if not isinstance(decoded, dict):
+            return None, schema_id, "not a JSON object"
+        return decoded, schema_id, None
+    except Exception as exc:
+        return None, schema_id, f"cannot decode with writer schema {schema_id}: {exc}"[:300]

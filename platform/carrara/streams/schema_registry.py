@@ -128,8 +128,11 @@ class Registry:
 
     def latest(self, subject: str) -> SubjectVersion:
         """The latest version of `subject`; SchemaNotFound when the subject has none."""
-        found = self._call(f"subject '{subject}'", self.client.get_latest_version, subject)
-        return SubjectVersion(subject, int(found.version), int(found.schema_id), found.schema)
+        # Not the client's get_latest_version: it caches the answer for the client's lifetime.
+        versions = self.versions(subject)
+        if not versions:
+            raise SchemaNotFound(f"subject '{subject}' has no version")
+        return self.version(subject, versions[-1])
 
     def versions(self, subject: str) -> list[int]:
         """The version numbers of `subject`, oldest first."""

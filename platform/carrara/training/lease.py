@@ -85,6 +85,8 @@ def claim_run(
                 "label_field": dataset.label_field,
                 "task": dataset.task,
                 "features": dataset.features,
+                "format": dataset.format,
+                "subject": dataset.subject,
             },
         )
 

@@ -97,6 +97,8 @@ def create_dataset(
         checked = (
             f"topic {created.dataset.topic} created"
             if created.topic_created
+            else f"fields checked against version {created.subject_version} of the subject"
+            if created.subject_version is not None
             else f"schema checked against {created.sample_size} recent events"
         )
         name = created.dataset.name
@@ -127,6 +129,7 @@ def _detail(
     context = {
         "nav": "datasets",
         "dataset": dataset,
+        "subject": sampling.subject_view(dataset.format, dataset.subject),
         "versions": [DatasetVersionOut.from_version(v) for v in versions],
         "runs": [RunOut.from_run(r) for r in runs],
         "modes": [m.value for m in SnapshotMode],
