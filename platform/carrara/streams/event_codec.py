@@ -133,7 +133,7 @@ def feature_as_dict(feature: Feature) -> dict[str, Any]:
     data: dict[str, Any] = {"name": feature.name, "type": str(feature.type)}
     if feature.path is not None:
         data["path"] = feature.path
-    if feature.nulls is not NullPolicy.missing:
+    if feature.nulls != NullPolicy.missing:
         data["nulls"] = str(feature.nulls)
     if feature.default is not None:
         data["default"] = feature.default
@@ -359,10 +359,10 @@ class EventDecoder:
             self._c = _compile(self.schema, training)
         names = {f.name: f for f in self.schema.features}
         self._reject_numeric = [
-            j for j, name in enumerate(self._c.numeric) if names[name].nulls is NullPolicy.reject
+            j for j, name in enumerate(self._c.numeric) if names[name].nulls == NullPolicy.reject
         ]
         self._reject_categories = [
-            name for name in self._c.categories if names[name].nulls is NullPolicy.reject
+            name for name in self._c.categories if names[name].nulls == NullPolicy.reject
         ]
         self.bad = BadEvents(max_samples=max_bad_samples)
         # `expected_rows` (the snapshot's event count) sizes the columns once: no regrowth and
