@@ -60,18 +60,22 @@ class FeatureSpec(BaseModel):
 
     name: FieldName
     type: FeatureType
+    # Left out of responses when unset, so JSON datasets read as they did before.
     path: FieldPath | None = Field(
         default=None,
+        exclude_if=lambda v: v is None,
         description="Registry formats: the field in the record (dots for nested fields); "
         "default: the field named like the feature.",
     )
     nulls: NullPolicy = Field(
         default=NullPolicy.missing,
+        exclude_if=lambda v: v == NullPolicy.missing,
         description="`missing`: a null (or a field the record's schema lacks) is a missing value; "
         "`reject`: the event is bad.",
     )
     default: float | int | str | bool | None = Field(
         default=None,
+        exclude_if=lambda v: v is None,
         description="Registry formats: the value of records whose schema lacks the field "
         "(filled from the subject's schema default when not given).",
     )
