@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 METRICS = ("log_loss", "accuracy", "rmse", "mae")
 # Probabilities are clipped before the log so that a confident mistake costs a large but finite
@@ -299,11 +299,19 @@ def ks_statistic(expected_shares: Sequence[float], actual_counts: Sequence[int])
 
 
 def auc(scores: np.ndarray, outcomes: np.ndarray) -> float | None:
-    """ROC AUC of P(positive) scores against 0/1 outcomes; None when only one class is present."""
-    y = np.asarray(outcomes, dtype=np.float64)
-    if np.unique(y).size < 2:
+    """ROC AUC of P(positive) scores against 0/1 outcomes; None when only one class is present.
+
+    The Mann-Whitney form (ranks of the positives, ties averaged), equal to sklearn's
+    `roc_auc_score` without its per-call validation (milliseconds on a dashboard's hot path).
+    """
+    y = np.asarray(outcomes, dtype=np.float64) == 1.0
+    positives = int(y.sum())
+    negatives = y.size - positives
+    if positives == 0 or negatives == 0:
         return None
-    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    rank_sum = float(ranks[y].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def quantile_from_histogram(
@@ -320,20 +328,25 @@ def quantile_from_histogram(
         raise ValueError(
             f"{len(counts)} counts do not match {len(upper_edges)} upper edges (+1 overflow)"
         )
-    c = np.asarray(counts, dtype=np.float64)
-    total = c.sum()
+    # Plain Python: a few dozen bins, computed for every bucket of a series (numpy's per-call
+    # overhead was most of a metrics request).
+    total = float(sum(counts))
     if total <= 0:
         return None
     rank = q * total
-    cumulative = np.cumsum(c)
-    # The first non-empty bin whose cumulative count reaches the rank.
-    i = int(np.flatnonzero((cumulative >= rank) & (c > 0))[0])
+    cumulative = 0.0
+    i = 0
+    for i, count in enumerate(counts):  # noqa: B007 - i is the bin found
+        cumulative += count
+        # The first non-empty bin whose cumulative count reaches the rank.
+        if count > 0 and cumulative >= rank:
+            break
     if i >= len(upper_edges):
         return float(upper_edges[-1])
     lower = float(upper_edges[i - 1]) if i > 0 else 0.0
     upper = float(upper_edges[i])
-    before = cumulative[i] - c[i]
-    return lower + (upper - lower) * float((rank - before) / c[i])
+    before = cumulative - counts[i]
+    return lower + (upper - lower) * float((rank - before) / counts[i])
 
 
 def _check_metric(metric: str) -> None:
