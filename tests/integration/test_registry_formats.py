@@ -38,7 +38,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from carrara.settings import Settings
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, encode_spec
 from carrara.streams.event_codec import EventDecoder, fit_feature_spec
-from carrara.streams.prediction_record import H_ERROR_MESSAGE, decode_prediction
+from carrara.streams.prediction_record import H_ERROR_CLASS, H_ERROR_MESSAGE, decode_prediction
 from carrara.streams.replay import replay_snapshot
 from carrara.streams.schema_registry import Registry, frame
 from carrara.streams.topics import TopicAdmin
@@ -412,6 +412,8 @@ def test_avro_and_protobuf_datasets_train_and_score_across_a_schema_change(
         assert len(reasons) == 2
         assert "no Schema Registry framing" in reasons[0]
         assert "unknown schema id 987654" in reasons[1]
+        # Bytes that cannot be read at all are `undecodable`, not invalid events.
+        assert {dict(m.headers())[H_ERROR_CLASS] for m in dead} == {b"undecodable"}
         assert sorted(m.value() for m in dead) == sorted(bad)  # the original bytes
 
         _produce(settings, payments, [pay(i) for i in range(400, 500)], [b"k"] * 100)

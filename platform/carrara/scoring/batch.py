@@ -179,8 +179,19 @@ def build_state(
     )
 
 
+_UNDECODABLE_PREFIXES = (
+    "not JSON",
+    "empty value",
+    # Schema Registry formats (streams.registry_formats): the bytes cannot be read at all.
+    "no Schema Registry framing",
+    "unknown schema id",
+    "not Avro",
+    "not Protobuf",
+)
+
+
 def _error_class(reason: str) -> str:
-    if reason.startswith(("not JSON", "empty value")) or "Expected `object`" in reason:
+    if reason.startswith(_UNDECODABLE_PREFIXES) or "Expected `object`" in reason:
         return UNDECODABLE
     return INVALID_EVENT
 
