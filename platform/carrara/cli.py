@@ -29,6 +29,7 @@ stack_app = typer.Typer(help="Manage the local stack (no Docker needed).", no_ar
 app.add_typer(stack_app, name="stack")
 for _name, _module in (
     ("datasets", "carrara.commands.datasets"),
+    ("features", "carrara.commands.features"),
     ("runs", "carrara.commands.runs"),
     ("models", "carrara.commands.models"),
     ("deployments", "carrara.commands.deployments"),

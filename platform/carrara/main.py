@@ -19,6 +19,7 @@ from carrara.datasets.router import router as datasets_router
 from carrara.deployments.router import router as deployments_router
 from carrara.deployments.router import scorers_router
 from carrara.errors import API_ERROR_RESPONSES, install_error_handlers
+from carrara.feature_sets.router import router as feature_sets_router
 from carrara.health.router import router as health_router
 from carrara.leadership import Leadership, StartLoops
 from carrara.logging_setup import configure_logging
@@ -40,6 +41,7 @@ def build_api_router() -> APIRouter:
     api = APIRouter(prefix="/api/v1", responses=API_ERROR_RESPONSES)
     for router in (
         datasets_router,
+        feature_sets_router,
         runs_router,
         models_router,
         deployments_router,

@@ -162,6 +162,7 @@ def test_record_timestamp_and_lag_only_sets() -> None:
             65,
         ),
         ("SELECT MD5(merchant) AS h", "function MD5 is not supported", 1, 8),
+        ("SELECT MEDIAN(amount) AS h", "function MEDIAN is not supported", 1, 8),
         ("SELECT SUM(amount) AS s", "SUM needs an OVER", 1, 8),
         ("SELECT fraud", "it is the label", 1, 8),
         ("SELECT nope", "unknown column 'nope'", 1, 8),

@@ -532,7 +532,8 @@ class _Compiler:
                 return v.upper() if up else v.lower()
 
             return case_fold, STRING
-        if isinstance(node, exp.AggFunc | exp.Lag | exp.Lead):
+        windowed = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Stddev, exp.Lag)
+        if isinstance(node, (*windowed, exp.StddevSamp, exp.StddevPop)):
             raise self.error(
                 f"{name} needs an OVER (PARTITION BY {self.key_field} ORDER BY "
                 f"{self.time_field} RANGE INTERVAL 'n' UNIT PRECEDING) window: a feature set "

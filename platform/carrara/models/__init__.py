@@ -4,6 +4,7 @@ from carrara.models.auth import ApiToken, AuditEvent
 from carrara.models.base import Base
 from carrara.models.datasets import Dataset, DatasetVersion
 from carrara.models.deployments import Deployment, DeploymentRevision
+from carrara.models.feature_sets import FeatureSetRevision
 from carrara.models.monitoring import (
     Alert,
     FeatureDrift,
@@ -28,6 +29,7 @@ __all__ = [
     "Deployment",
     "DeploymentRevision",
     "FeatureDrift",
+    "FeatureSetRevision",
     "JoinedOutcome",
     "ModelAlias",
     "ModelVersion",
