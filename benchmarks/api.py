@@ -1,0 +1,710 @@
+"""Control-plane load benchmark (issue 19): open-loop fixed rates against the API as the stack
+runs it, with the mix of dashboards, CI pipelines and scripts; 1 worker (baseline) vs N workers.
+
+The benchmark makes a database of its own on the local stack's Postgres (migrated with Alembic),
+seeds it (datasets and versions, runs, model versions, deployments made through the API, a week
+of per-minute monitoring aggregates and joined outcomes), and runs `uvicorn carrara.main:app
+--workers W` on it with the stack's Kafka and Redis (its own deployments/status/alerts topics and
+Celery queue, so nothing reaches the stack's scorers or workers). The load is open-loop: request i
+is sent at t0 + i/rate whatever earlier requests are doing (an asyncio task per request on one
+httpx.AsyncClient), and its latency is measured from that scheduled time, so queueing in the
+server or the client counts. Each round runs every rate for both configurations; figures are
+medians over rounds (min-max). The full run writes its section of benchmarks/RESULTS.md between
+markers; everything it made (database, topics, Celery queue) is deleted at the end.
+
+    .venv/bin/python benchmarks/api.py              # full: 3 rounds, ~10 min, writes RESULTS.md
+    .venv/bin/python benchmarks/api.py --quick      # smoke test: short, 1 round, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from alembic import command
+from alembic.config import Config
+from psycopg import sql
+from sqlalchemy import make_url
+from sqlalchemy.orm import Session
+
+from carrara.auth.cache import TokenCache
+from carrara.auth.roles import Role
+from carrara.auth.service import authenticate, create_token
+from carrara.db import libpq_conninfo, make_engine
+from carrara.models import Dataset, DatasetVersion, TrainingRun
+from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
+from carrara.registry import service as registry
+from carrara.settings import Settings, usable_cores
+from carrara.streams.topics import TopicAdmin
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = uuid.uuid4().hex[:6]
+BEGIN = "<!-- BEGIN api: written by benchmarks/api.py, do not edit by hand -->"
+END = "<!-- END api -->"
+N_DATASETS, N_RUNS, N_MODELS, N_DEPLOYMENTS, N_MONITORED = 20, 300, 10, 30, 5
+# (endpoint label, weight per 100 requests); writes are marked.
+MIX: list[tuple[str, int]] = [
+    ("GET deployments (list of 50)", 10),
+    ("GET deployments/{name}", 8),
+    ("GET runs (list of 50)", 10),
+    ("GET runs/{id}", 8),
+    ("GET datasets (list)", 5),
+    ("GET datasets/{name}", 5),
+    ("GET models (list)", 5),
+    ("GET models/{name}", 5),
+    ("GET metrics 1 h (minute)", 12),
+    ("GET metrics 7 d (hour)", 4),
+    ("GET verdict", 6),
+    ("GET tokens/me", 4),
+    ("GET /readyz", 2),
+    ("UI overview", 5),
+    ("UI deployment page", 4),
+    ("UI deployment live panel", 3),
+    ("PUT deployment (no-op)", 2),
+    ("POST runs (used Idempotency-Key)", 2),
+]
+WRITES = {"PUT deployment (no-op)", "POST runs (used Idempotency-Key)"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short steps, 1 round, prints only")
+    parser.add_argument("--rates", default="50,100,200,400", help="requests/s, comma-separated")
+    parser.add_argument("--baseline-rates", default="50,100,200", help="rates of the baseline")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per rate")
+    parser.add_argument("--target-rate", type=int, default=200, help="held --target-duration")
+    parser.add_argument("--target-duration", type=float, default=60.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="default: cores")
+    parser.add_argument("--baseline-workers", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.target_duration, args.rounds, args.no_write = 4.0, 6.0, 1, True
+    return args
+
+
+# --- the database, seeded ------------------------------------------------------------------------
+
+
+@contextmanager
+def bench_database(settings: Settings) -> Iterator[str]:
+    name = f"carrara_bench_api_{RUN_ID}"
+    admin = libpq_conninfo(settings.database_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_url(settings.database_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        config = Config(str(ROOT / "alembic.ini"))
+        config.attributes["url"] = url
+        config.attributes["configure_logger"] = False
+        command.upgrade(config, "head")
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@dataclass
+class Seed:
+    viewer: str
+    editor: str
+    datasets: list[str]
+    runs: list[int]
+    models: list[str]
+    deployments: list[str] = field(default_factory=list)
+    monitored: list[str] = field(default_factory=list)
+    put_bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_body: dict[str, Any] = field(default_factory=dict)
+    run_key: str = ""
+
+
+def seed_rows(url: str) -> Seed:
+    """Datasets, runs, model versions and tokens, written as the services write them."""
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    with Session(engine) as session, session.begin():
+        _, viewer = create_token(session, "bench-viewer", Role.viewer, created_by=None)
+        _, editor = create_token(session, "bench-editor", Role.editor, created_by=None)
+        versions = []
+        features = [{"name": f"f{i}", "type": "float"} for i in range(20)]
+        for d in range(N_DATASETS):
+            ds = Dataset(
+                name=f"bench-ds-{d}",
+                topic=f"bench-{RUN_ID}-events-{d}",
+                key_field="user_id",
+                label_field="label",
+                task="binary",
+                features=features,
+                description="benchmark dataset",
+            )
+            session.add(ds)
+            for n in range(1, 4):
+                v = DatasetVersion(
+                    dataset=ds,
+                    number=n,
+                    offsets=[{"partition": p, "start": 0, "end": 10_000 * n} for p in range(3)],
+                    event_count=30_000 * n,
+                )
+                session.add(v)
+                versions.append(v)
+        session.flush()
+        runs = []
+        for r in range(N_RUNS):
+            run = TrainingRun(
+                dataset_version_id=versions[r % len(versions)].id,
+                algorithm="logistic_regression",
+                params={"C": 1.0},
+                holdout={"fraction": 0.2},
+                registered_model_name=f"bench-model-{r % N_MODELS}",
+                status="succeeded",
+                started_at=now - timedelta(minutes=r + 5),
+                finished_at=now - timedelta(minutes=r),
+                events_replayed=90_000,
+                events_total=90_000,
+                metrics={"auc": 0.9, "log_loss": 0.3, "accuracy": 0.85},
+                attempts=1,
+                created_by="bench-editor",
+            )
+            session.add(run)
+            runs.append(run)
+        session.flush()
+        for m in range(N_MODELS):
+            for v in range(1, 6):
+                registry.register_version(
+                    session,
+                    f"bench-model-{m}",
+                    v,
+                    runs[(m * 5 + v) % N_RUNS].id,
+                    f"models:/bench-model-{m}/{v}",
+                    {"auc": 0.9},
+                )
+        run_body = {
+            "dataset": "bench-ds-0",
+            "dataset_version": 1,
+            "algorithm": "logistic_regression",
+            "registered_model_name": "bench-model-0",
+        }
+        return Seed(
+            viewer=viewer,
+            editor=editor,
+            datasets=[f"bench-ds-{d}" for d in range(N_DATASETS)],
+            runs=[r.id for r in runs],
+            models=[f"bench-model-{m}" for m in range(N_MODELS)],
+            run_body=run_body,
+        )
+
+
+def seed_through_api(url: str, db_url: str, seed: Seed, topics: tuple[str, str]) -> None:
+    """Deployments (PUT, as people do) and one run with an Idempotency-Key; then the monitoring
+    rows of a week for the monitored deployments."""
+    headers = {"Authorization": f"Bearer {seed.editor}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        for d in range(N_DEPLOYMENTS):
+            name = f"bench-dep-{d}"
+            model = f"bench-model-{d % N_MODELS}"
+            body = {
+                "input_topic": topics[0],
+                "output_topic": topics[1],
+                "key_field": "user_id",
+                "variants": [
+                    {
+                        "name": "a",
+                        "model": model,
+                        "version": 1,
+                        "weight": 90,
+                    },
+                    {
+                        "name": "b",
+                        "model": model,
+                        "version": 2,
+                        "weight": 10,
+                    },
+                ],
+            }
+            response = client.put(f"/api/v1/deployments/{name}", json=body)
+            response.raise_for_status()
+            seed.deployments.append(name)
+            seed.put_bodies[name] = body
+        seed.run_key = f"bench-{RUN_ID}"
+        response = client.post(
+            "/api/v1/runs", json=seed.run_body, headers={"Idempotency-Key": seed.run_key}
+        )
+        response.raise_for_status()
+    seed.monitored = seed.deployments[:N_MONITORED]
+    seed_monitoring(db_url, seed.monitored)
+
+
+def seed_monitoring(url: str, deployments: list[str]) -> None:
+    """A week of per-minute aggregates for two variants, and joined outcomes since the revision."""
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    rng = random.Random(7)  # noqa: S311 - synthetic data
+    conninfo = libpq_conninfo(url)
+    with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY variant_metrics (deployment, variant, bucket_start, shadow, model_version, "
+            "predictions, dead_letters, score_sum, score_histogram, latency_histogram, "
+            "end_to_end_histogram, outcomes, correct, log_loss_sum, squared_error_sum, "
+            "absolute_error_sum) FROM STDIN"
+        ) as copy:
+            for name in deployments:
+                for variant, version in (("a", 1), ("b", 2)):
+                    for minute in range(7 * 24 * 60):
+                        n = rng.randint(200, 600)
+                        scores = [n // SCORE_BINS] * SCORE_BINS
+                        latency = [0, n // 2, n // 2] + [0] * (len(LATENCY_EDGES_MS) - 2)
+                        e2e = [0, 0, 0, n // 2, n // 2] + [0] * (len(END_TO_END_EDGES_MS) - 4)
+                        outcomes = n // 2
+                        copy.write_row(
+                            (
+                                name,
+                                variant,
+                                now - timedelta(minutes=minute),
+                                False,
+                                version,
+                                n,
+                                rng.randint(0, 3),
+                                n * 0.4,
+                                str(scores),
+                                str(latency),
+                                str(e2e),
+                                outcomes,
+                                int(outcomes * 0.85),
+                                outcomes * 0.3,
+                                outcomes * 0.1,
+                                outcomes * 0.2,
+                            )
+                        )
+        with cur.copy(
+            "COPY joined_outcomes (deployment, variant, shadow, model_version, score, outcome, "
+            "correct, predicted_at, observed_at) FROM STDIN"
+        ) as copy:
+            for name in deployments:
+                for variant, version in (("a", 1), ("b", 2)):
+                    for _ in range(3000):
+                        score = rng.random()
+                        outcome = float(rng.random() < score)
+                        at = datetime.now(UTC)
+                        copy.write_row(
+                            (name, variant, False, version, score, outcome,
+                             (score > 0.5) == (outcome == 1.0), at, at)
+                        )  # fmt: skip
+        conn.commit()
+        cur.execute("ANALYZE")
+
+
+def ui_cookie(url: str, token: str) -> dict[str, str]:
+    """Sign in through the UI form (CSRF token from the page) and return the session cookie."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        page = client.get("/ui/sign-in")
+        match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert match, "no CSRF token on the sign-in page"
+        response = client.post(
+            "/ui/sign-in", data={"csrf_token": match.group(1), "token": token, "next": "/ui/"}
+        )
+        assert response.status_code in (302, 303), response.text[:500]
+        return dict(client.cookies)
+
+
+# --- the API process ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def api_process(db_url: str, workers: int, queue: str) -> Iterator[str]:
+    port = free_port()
+    prefix = f"bench-{RUN_ID}"
+    env = {
+        **os.environ,
+        "CARRARA_DATABASE_URL": db_url,
+        "CARRARA_OUTBOX_RELAY_ENABLED": "true",
+        "CARRARA_DEPLOYMENTS_TOPIC": f"{prefix}.deployments",
+        "CARRARA_SCORER_STATUS_TOPIC": f"{prefix}.scorer-status",
+        "CARRARA_ALERTS_TOPIC": f"{prefix}.alerts",
+        "CARRARA_TRAINING_QUEUE": queue,
+        "CARRARA_LOG_LEVEL": "WARNING",
+    }
+    log_path = ROOT / ".carrara" / "logs" / f"bench-api-{RUN_ID}-{workers}w.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [str(Path(sys.executable).parent / "uvicorn"), "carrara.main:app"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    argv += ["--no-access-log"]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start; see {log_path}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# --- the load -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    endpoint: str
+    latency_ms: float
+    ok: bool
+
+
+def requests_for(seed: Seed) -> dict[str, Any]:
+    """Per endpoint: a function of an RNG that returns (method, path, kwargs, expected statuses)."""
+    viewer = {"Authorization": f"Bearer {seed.viewer}"}
+    editor = {"Authorization": f"Bearer {seed.editor}"}
+    hour = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    week = (datetime.now(UTC) - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def dep(rng: random.Random) -> str:
+        return rng.choice(seed.deployments)
+
+    def mon(rng: random.Random) -> str:
+        return rng.choice(seed.monitored)
+
+    def get(path: str, **kwargs: Any) -> tuple[str, str, dict[str, Any], tuple[int, ...]]:
+        return ("GET", path, {"headers": viewer, **kwargs}, (200,))
+
+    def ui(path: str) -> tuple[str, str, dict[str, Any], tuple[int, ...]]:
+        return ("GET", path, {}, (200,))
+
+    def put(rng: random.Random) -> tuple[str, str, dict[str, Any], tuple[int, ...]]:
+        name = dep(rng)
+        body = {"headers": editor, "json": seed.put_bodies[name]}
+        return ("PUT", f"/api/v1/deployments/{name}", body, (200,))
+
+    def post_run(_: random.Random) -> tuple[str, str, dict[str, Any], tuple[int, ...]]:
+        headers = {**editor, "Idempotency-Key": seed.run_key}
+        return ("POST", "/api/v1/runs", {"headers": headers, "json": seed.run_body}, (200,))
+
+    return {
+        "GET deployments (list of 50)": lambda r: get("/api/v1/deployments?limit=50"),
+        "GET deployments/{name}": lambda r: get(f"/api/v1/deployments/{dep(r)}"),
+        "GET runs (list of 50)": lambda r: get("/api/v1/runs?limit=50"),
+        "GET runs/{id}": lambda r: get(f"/api/v1/runs/{r.choice(seed.runs)}"),
+        "GET datasets (list)": lambda r: get("/api/v1/datasets?limit=50"),
+        "GET datasets/{name}": lambda r: get(f"/api/v1/datasets/{r.choice(seed.datasets)}"),
+        "GET models (list)": lambda r: get("/api/v1/models?limit=50"),
+        "GET models/{name}": lambda r: get(f"/api/v1/models/{r.choice(seed.models)}"),
+        "GET metrics 1 h (minute)": lambda r: get(
+            f"/api/v1/deployments/{mon(r)}/metrics", params={"from": hour}
+        ),
+        "GET metrics 7 d (hour)": lambda r: get(
+            f"/api/v1/deployments/{mon(r)}/metrics", params={"from": week, "bucket": "hour"}
+        ),
+        "GET verdict": lambda r: get(f"/api/v1/deployments/{mon(r)}/verdict"),
+        "GET tokens/me": lambda r: get("/api/v1/tokens/me"),
+        "GET /readyz": lambda r: ui("/readyz"),
+        "UI overview": lambda r: ui("/ui/"),
+        "UI deployment page": lambda r: ui(f"/ui/deployments/{mon(r)}"),
+        "UI deployment live panel": lambda r: ui(f"/ui/deployments/{mon(r)}/live"),
+        "PUT deployment (no-op)": put,
+        "POST runs (used Idempotency-Key)": post_run,
+    }
+
+
+async def open_loop(
+    url: str, rate: float, duration: float, seed: Seed, cookies: dict[str, str]
+) -> tuple[list[Sample], float]:
+    """Send rate x duration requests at fixed times; returns the samples and the achieved rate."""
+    makers = requests_for(seed)
+    names = [n for n, w in MIX for _ in range(w)]
+    rng = random.Random(int(rate))  # noqa: S311 - a request mix
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with (
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as api,
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0, cookies=cookies) as ui,
+    ):
+
+        async def one(name: str, due: float) -> None:
+            method, path, kwargs, expected = makers[name](rng)
+            client = ui if path.startswith("/ui/") else api
+            try:
+                response = await client.request(method, path, **kwargs)
+                ok = response.status_code in expected
+            except httpx.HTTPError:
+                ok = False
+            samples.append(Sample(name, (time.perf_counter() - due) * 1000, ok))
+
+        tasks = []
+        total = int(rate * duration)
+        start = time.perf_counter() + 0.05
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(rng.choice(names), due)))
+        sent_in = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+    return samples, total / max(sent_in, 1e-9)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Step:
+    """One rate of one configuration in one round."""
+
+    achieved: float
+    by_endpoint: dict[str, list[Sample]]
+
+    def reads(self) -> list[Sample]:
+        return [s for n, ss in self.by_endpoint.items() if n not in WRITES for s in ss]
+
+    def all(self) -> list[Sample]:
+        return [s for ss in self.by_endpoint.values() for s in ss]
+
+
+def summarize(samples: list[Sample]) -> tuple[float, float, int, int, int]:
+    """(p50, p99, errors, over 1 s, count)"""
+    lat = [s.latency_ms for s in samples]
+    errors = sum(1 for s in samples if not s.ok)
+    slow = sum(1 for s in samples if s.latency_ms > 1000)
+    return pct(lat, 0.5), pct(lat, 0.99), errors, slow, len(samples)
+
+
+# --- auth cost ----------------------------------------------------------------------------------
+
+
+def auth_cost_us(db_url: str, token: str) -> tuple[float, float]:
+    """Microseconds per authentication: from the cache, and with the query (cache off)."""
+    engine = make_engine(db_url)
+    cache = TokenCache(ttl_s=60)
+    results = []
+    for use_cache in (True, False):
+        with Session(engine) as session:
+            authenticate(session, token, cache)  # warm: fills the cache, opens the connection
+            n = 5000 if use_cache else 500
+            t = time.perf_counter()
+            for _ in range(n):
+                authenticate(session, token, cache if use_cache else None)
+            results.append((time.perf_counter() - t) / n * 1e6)
+            session.rollback()
+    engine.dispose()
+    return results[0], results[1]
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def fmt_range(values: list[float], one: str = "{:.1f}") -> str:
+    good = [v for v in values if v == v]
+    if not good:
+        return "-"
+    if len(good) == 1:
+        return one.format(good[0])
+    return (
+        f"{one.format(statistics.median(good))} ({one.format(min(good))}-{one.format(max(good))})"
+    )
+
+
+def render(
+    args: argparse.Namespace,
+    results: dict[tuple[int, int], list[Step]],
+    auth: tuple[float, float],
+    load: tuple[tuple[float, float, float], tuple[float, float, float]],
+    elapsed: float,
+) -> str:
+    command = shlex.join([".venv/bin/python", "benchmarks/api.py", *sys.argv[1:]])
+    out = [
+        "## Control plane under load (`benchmarks/api.py`)",
+        "",
+        f"Written by the script on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; rerun it rather than "
+        "editing this section.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Machine: {os.cpu_count()} cores, shared with the local stack (Postgres, Kafka, MLflow) "
+        "and the load generator (one Python process, httpx.AsyncClient); load average "
+        f"{load[0][0]:.1f} / {load[0][1]:.1f} / {load[0][2]:.1f} before, {load[1][0]:.1f} / "
+        f"{load[1][1]:.1f} / {load[1][2]:.1f} after (1/5/15 min). The run took "
+        f"{elapsed / 60:.1f} min.",
+        "",
+        "Open loop: request i is sent at t0 + i/rate whatever the others are doing; latency "
+        "counts from that scheduled time (queueing included); a request fails on a status other "
+        "than the expected one or after 10 s. The mix per 100 requests: "
+        + ", ".join(f"{n} {w}" for n, w in MIX)
+        + f". Seeded: {N_DATASETS} datasets x 3 versions, {N_RUNS} runs, {N_MODELS} models x 5 "
+        f"versions, {N_DEPLOYMENTS} deployments (PUT through the API), a week of per-minute "
+        f"aggregates of 2 variants and 3,000 joined outcomes per variant for {N_MONITORED} of "
+        "them. "
+        f"Each rate runs {args.duration:g} s ({args.target_rate}/s: {args.target_duration:g} s), "
+        f"{args.rounds} round(s), configurations alternating; each figure is the median over "
+        "rounds (min-max). Reads: every GET (API and UI); writes: the no-op PUT and the POST.",
+        "",
+        "| workers | rate (req/s) | achieved | reads p50 ms | reads p99 ms | writes p99 ms "
+        "| errors | over 1 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (workers, rate), steps in sorted(results.items()):
+        reads = [summarize(s.reads()) for s in steps]
+        writes = [summarize([x for x in s.all() if x.endpoint in WRITES]) for s in steps]
+        alls = [summarize(s.all()) for s in steps]
+        out.append(
+            f"| {workers} | {rate} | {fmt_range([s.achieved for s in steps], '{:.0f}')} "
+            f"| {fmt_range([r[0] for r in reads])} | {fmt_range([r[1] for r in reads])} "
+            f"| {fmt_range([w[1] for w in writes])} "
+            f"| {fmt_range([float(a[2]) for a in alls], '{:.0f}')} of {alls[0][4]} "
+            f"| {fmt_range([float(a[3]) for a in alls], '{:.0f}')} |"
+        )
+    top = max(w for w, _ in results)
+    rates = sorted({r for w, r in results if w == top})
+    out += [
+        "",
+        f"Per endpoint with {top} workers: p50 / p99 ms (medians over rounds), errors summed over "
+        "rounds:",
+        "",
+        "| endpoint | " + " | ".join(f"{r}/s" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for name, _ in MIX:
+        cells = []
+        for rate in rates:
+            per = [summarize(s.by_endpoint.get(name, [])) for s in results[(top, rate)]]
+            p50 = statistics.median([p[0] for p in per])
+            p99 = statistics.median([p[1] for p in per])
+            errors = sum(p[2] for p in per)
+            cells.append(f"{p50:.1f} / {p99:.1f}" + (f", {errors} err" if errors else ""))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"Authentication, in process against the same Postgres: {auth[0]:.1f} us per request from "
+        f"the token cache, {auth[1]:.0f} us with the query (cache off), i.e. the cache adds "
+        f"{auth[0] / 1000:.3f} ms.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_results(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{section}{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    settings = Settings()
+    rates = [int(r) for r in args.rates.split(",")]
+    baseline_rates = [int(r) for r in args.baseline_rates.split(",")]
+    admin = TopicAdmin(settings.kafka_bootstrap, settings)
+    topics = (f"bench-{RUN_ID}-in", f"bench-{RUN_ID}-out")
+    for topic in topics:
+        admin.create_topic(topic, 1, exist_ok=True)
+    queue = f"bench-{RUN_ID}"
+    results: dict[tuple[int, int], list[Step]] = defaultdict(list)
+    try:
+        with bench_database(settings) as db_url:
+            seed = seed_rows(db_url)
+            with api_process(db_url, args.workers, queue) as url:
+                seed_through_api(url, db_url, seed, topics)
+            print(f"seeded in {time.monotonic() - started:.0f} s", flush=True)
+            auth = auth_cost_us(db_url, seed.viewer)
+            for round_ in range(args.rounds):
+                configs = [(args.baseline_workers, baseline_rates), (args.workers, rates)]
+                if round_ % 2:
+                    configs.reverse()
+                for workers, config_rates in configs:
+                    with api_process(db_url, workers, queue) as url:
+                        cookies = ui_cookie(url, seed.viewer)
+                        asyncio.run(open_loop(url, 50, 5 if not args.quick else 2, seed, cookies))
+                        for rate in config_rates:
+                            duration = (
+                                args.target_duration if rate == args.target_rate else args.duration
+                            )
+                            samples, achieved = asyncio.run(
+                                open_loop(url, rate, duration, seed, cookies)
+                            )
+                            by_endpoint: dict[str, list[Sample]] = defaultdict(list)
+                            for s in samples:
+                                by_endpoint[s.endpoint].append(s)
+                            step = Step(achieved, dict(by_endpoint))
+                            results[(workers, rate)].append(step)
+                            p50, p99, errors, slow, n = summarize(step.reads())
+                            print(
+                                f"round {round_ + 1} workers {workers} rate {rate}: reads p50 "
+                                f"{p50:.1f} ms p99 {p99:.1f} ms, errors {errors}, >1 s {slow} "
+                                f"of {n}, achieved {achieved:.0f}/s, load {os.getloadavg()[0]:.1f}",
+                                flush=True,
+                            )
+    finally:
+        admin.delete_topics([t for t in topics if admin.partitions(t)])
+        prefix = f"bench-{RUN_ID}."
+        control = [f"{prefix}deployments", f"{prefix}scorer-status", f"{prefix}alerts"]
+        admin.delete_topics([t for t in control if admin.partitions(t)])
+        try:
+            import redis
+
+            redis.Redis.from_url(settings.redis_url).delete(queue)
+        except Exception as exc:  # the queue only holds the one benchmark task
+            print(f"could not delete the Celery queue {queue}: {exc}")
+    section = render(
+        args, results, auth, (load_before, os.getloadavg()), time.monotonic() - started
+    )
+    print(section)
+    if not args.no_write:
+        write_results(ROOT / "benchmarks" / "RESULTS.md", section)
+        print("wrote benchmarks/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
