@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from carrara.cli import app
-from carrara.models import AuditEvent
+from carrara.models import AuditEvent, TrainingRun
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
 from tests.integration.conftest import LiveApi
@@ -148,6 +148,25 @@ def test_feature_sets_are_revisions_validated_audited_and_previewed(
     assert u1["amount"] is None
     assert u1["s_10s"] is None  # the window holds only a NULL amount
     assert u1["n_1h"] == 2.0
+
+    # A run pins the dataset's current feature-set revision (its training rows use exactly it).
+    version = client.post(f"/api/v1/datasets/{name}/versions", json={}, headers=editor_headers)
+    assert version.status_code == 201, version.text
+    run = client.post(
+        "/api/v1/runs",
+        json={
+            "dataset": name,
+            "dataset_version": 1,
+            "algorithm": "autoencoder",
+            "registered_model_name": f"{name}-model",
+        },
+        headers=editor_headers,
+    )
+    assert run.status_code == 201, run.text
+    pinned = db_session.get(TrainingRun, run.json()["id"])
+    assert pinned is not None
+    assert pinned.feature_set_revision is not None
+    assert pinned.feature_set_revision.number == 2
 
     inline = client.post(
         f"{url}/preview",

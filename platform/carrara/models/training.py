@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from carrara.models.base import Base, TimestampMixin
 from carrara.models.datasets import DatasetVersion
+from carrara.models.feature_sets import FeatureSetRevision
 
 RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
@@ -47,4 +48,10 @@ class TrainingRun(TimestampMixin, Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_by: Mapped[str] = mapped_column(String(100), default="")
 
+    # The dataset's feature-set revision when the run was created (None: raw fields only).
+    feature_set_revision_id: Mapped[int | None] = mapped_column(
+        ForeignKey("feature_set_revisions.id")
+    )
+
     dataset_version: Mapped[DatasetVersion] = relationship()
+    feature_set_revision: Mapped[FeatureSetRevision | None] = relationship()

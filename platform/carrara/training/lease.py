@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import update
@@ -88,7 +89,22 @@ def claim_run(
                 "format": dataset.format,
                 "subject": dataset.subject,
             },
+            feature_set=_feature_set(run),
         )
+
+
+def _feature_set(run: TrainingRun) -> dict[str, Any] | None:
+    """The run's pinned feature-set revision, copied out of the ORM (None: raw fields only)."""
+    revision = run.feature_set_revision
+    if revision is None:
+        return None
+    return {
+        "number": revision.number,
+        "sql": revision.sql,
+        "late_policy": revision.late_policy,
+        "allowed_lateness_ms": revision.allowed_lateness_ms,
+        "digest": revision.digest,
+    }
 
 
 @dataclass

@@ -93,6 +93,8 @@ class Lineage:
     offsets: list[dict[str, int]]
     event_count: int
     carrara_run_id: int
+    # The feature-set revision the run computed ({revision, digest}); None: raw fields only.
+    feature_set: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,14 @@ def lineage_tags(lineage: Lineage) -> dict[str, str]:
         "carrara.offsets": offsets,
         "carrara.event_count": str(lineage.event_count),
         "carrara.run_id": str(lineage.carrara_run_id),
-    }
+    } | (
+        {}
+        if lineage.feature_set is None
+        else {
+            "carrara.feature_set_revision": str(lineage.feature_set["revision"]),
+            "carrara.feature_set_digest": str(lineage.feature_set["digest"]),
+        }
+    )
 
 
 def trusted_skops_types(model: Any) -> list[str]:

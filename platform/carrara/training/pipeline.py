@@ -42,6 +42,9 @@ class Job:
     offsets: list[dict[str, int]]
     event_count: int
     schema: dict[str, Any]
+    # The dataset's feature-set revision pinned when the run was created ({number, sql,
+    # late_policy, allowed_lateness_ms, digest}); None: raw fields only.
+    feature_set: dict[str, Any] | None = None
 
 
 @dataclass
@@ -69,6 +72,7 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
 
     decoded = _replay(job, settings, heartbeat)
     results: dict[str, Any] = {"bad_events": decoded.bad.as_dict(), "attempt": job.attempt}
+    derived = _derive(job, settings, heartbeat, decoded) if job.feature_set else None
     check_bad_event_threshold(decoded.bad, decoded.total, job.params["bad_event_threshold"])
     if decoded.rows == 0:
         raise FeatureError(f"the snapshot holds no usable events ({decoded.total} read)")
@@ -82,6 +86,22 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
     mask = holdout_mask(holdout, keys=keys, event_times=decoded.event_times)
     spec = fit_feature_spec(decoded, ~mask)
     features = spec.transform(decoded)
+    feature_names = list(spec.columns)
+    feature_spec = spec.as_dict()
+    if derived is not None:
+        from carrara.training.features import COLUMN_PREFIX, feature_set_record
+
+        assert job.feature_set is not None
+        features = np.hstack([features, derived.matrix])
+        feature_names += [COLUMN_PREFIX + name for name in derived.plan.names]
+        feature_spec["feature_set"] = feature_set_record(job.feature_set, derived)
+        results["feature_set"] = {
+            "revision": job.feature_set["number"],
+            "digest": job.feature_set["digest"],
+            "warmup": derived.warmup,
+            "warmup_events": derived.warmup_events,
+            "late_events": derived.late_events,
+        }
     labels = spec.encode_labels(decoded)
     train_x, hold_x = features[~mask], features[mask]
     train_y = None if labels is None else labels[~mask]
@@ -122,17 +142,29 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
             offsets=job.offsets,
             event_count=job.event_count,
             carrara_run_id=job.run_id,
+            feature_set=None
+            if job.feature_set is None
+            else {"revision": job.feature_set["number"], "digest": job.feature_set["digest"]},
         ),
         algorithm=job.algorithm,
-        params=job.params,
+        params=job.params
+        | (
+            {}
+            if job.feature_set is None
+            else {
+                "feature_set_revision": job.feature_set["number"],
+                "feature_set_digest": job.feature_set["digest"],
+            }
+        ),
         metrics=metrics,
         trained=trained,
-        feature_names=spec.columns,
-        feature_spec=spec.as_dict(),
+        feature_names=feature_names,
+        feature_spec=feature_spec,
         holdout_x=hold_x,
         holdout_y=hold_y if hold_y is not None and task != "regression" else None,
         onnx=onnx,
-        extra_artifacts={"results.json": results},
+        extra_artifacts={"results.json": results}
+        | ({} if job.feature_set is None else {"feature_set.json": feature_spec["feature_set"]}),
         child_runs=child_runs,
     )
     return Outcome(
@@ -166,6 +198,35 @@ def _replay(job: Job, settings: Settings, heartbeat: Heartbeat) -> Any:
     heartbeat.beat()
     heartbeat.check()
     return decoded
+
+
+def _derive(job: Job, settings: Settings, heartbeat: Heartbeat, decoded: Any) -> Any:
+    """The run's derived features through the feature operator, warmed from the horizon before
+    the snapshot (README: Features in SQL)."""
+    from carrara.features.plan import FeatureSqlError
+    from carrara.streams.event_codec import EventDecoder, FeatureError
+    from carrara.streams.warmup import warmup_ranges
+    from carrara.training.features import FeatureSetError, derive, plan_of
+
+    assert job.feature_set is not None
+    try:
+        plan = plan_of(job.feature_set, job.schema, job.dataset)
+    except (FeatureSqlError, FeatureSetError) as exc:
+        raise FeatureError(f"feature set: {exc}") from exc
+    warm = [
+        r.as_dict()
+        for r in warmup_ranges(settings.kafka_bootstrap, job.topic, job.offsets, plan.horizon_ms)
+    ]
+    warm_decoded = None
+    if warm:
+        decoder = EventDecoder(job.schema)
+        for batch in replay_snapshot(settings.kafka_bootstrap, job.topic, warm):
+            decoder.add_batch(batch.values, batch.partitions, batch.offsets)
+            heartbeat.check()
+        warm_decoded = decoder.result()
+    derived = derive(plan, warm_decoded, warm, decoded)
+    heartbeat.beat()
+    return derived
 
 
 def _train(

@@ -19,7 +19,7 @@ from carrara.audit.service import record
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
 from carrara.errors import Conflict, Invalid, NotFound
-from carrara.models import Dataset, DatasetVersion, TrainingRun
+from carrara.models import Dataset, DatasetVersion, FeatureSetRevision, TrainingRun
 from carrara.models.training import FINISHED_STATES
 from carrara.outbox.service import enqueue_task
 from carrara.pagination import PageParams, paginate
@@ -168,6 +168,19 @@ def create_run(
             f"holdout method 'time' needs an event-time field and dataset {dataset!r} has none; "
             "use method 'hash'"
         )
+    # The dataset's current feature set is pinned on the run: its training rows and the model
+    # version carry exactly that revision's features.
+    feature_set = session.scalar(
+        select(FeatureSetRevision)
+        .where(FeatureSetRevision.dataset_id == ds.id)
+        .order_by(FeatureSetRevision.number.desc())
+        .limit(1)
+    )
+    if feature_set is not None and not ds.event_time_field:
+        raise Invalid(
+            f"dataset {dataset!r} has a feature set but no event-time field: training over "
+            "record timestamps is not built yet"
+        )
     request = (version.id, algorithm, validated, holdout, registered_model_name)
     if idempotency_key is not None:
         existing = _run_by_key(session, idempotency_key)
@@ -186,6 +199,7 @@ def create_run(
         metrics={},
         idempotency_key=idempotency_key,
         created_by=principal.name,
+        feature_set_revision_id=None if feature_set is None else feature_set.id,
     )
     try:
         # A savepoint, so that losing a race on the idempotency key leaves the request's

@@ -1,0 +1,132 @@
+"""A training run's derived features: the dataset's feature set, computed by the operator that
+scorers run (`carrara.features.operator`), over a replay warmed from the horizon before the
+snapshot.
+
+The records in `[warm_start, start)` of each partition (`streams.warmup`) only build state; rows are
+emitted for the snapshot's events only, aligned with the decoded events of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from carrara.features.operator import PartitionedOperator
+from carrara.features.plan import FeaturePlan, LatePolicy, OutputKind
+from carrara.features.sql import parse_feature_sql
+
+# The model's input columns of derived features: `sql.<name>` (a feature may repeat a raw field).
+COLUMN_PREFIX = "sql."
+
+
+class FeatureSetError(ValueError):
+    """The run's feature set cannot be computed (a message for the run's error)."""
+
+
+@dataclass
+class DerivedFeatures:
+    plan: FeaturePlan
+    matrix: np.ndarray  # (rows, outputs) float64, NaN = NULL
+    warmup: list[dict[str, int]]  # the ranges read only to warm the state
+    warmup_events: int
+    late_events: int
+
+
+def plan_of(feature_set: dict[str, Any], schema: dict[str, Any], dataset: str) -> FeaturePlan:
+    """The plan of a run's pinned feature-set revision (re-parsed: the SQL is the definition)."""
+    plan = parse_feature_sql(
+        feature_set["sql"],
+        key_field=schema["key_field"],
+        time_field=schema.get("event_time_field"),
+        fields={f["name"]: f["type"] for f in schema["features"]},
+        label_field=schema.get("label_field"),
+        dataset=dataset,
+        late_policy=LatePolicy(feature_set.get("late_policy", "cap")),
+        allowed_lateness_ms=int(feature_set.get("allowed_lateness_ms", 0)),
+    )
+    if plan.digest != feature_set["digest"]:
+        raise FeatureSetError(
+            f"feature-set revision {feature_set['number']}: its digest does not match its SQL"
+        )
+    categories = [o.name for o in plan.outputs if o.kind is OutputKind.category]
+    if categories:
+        raise FeatureSetError(
+            f"training uses numeric derived features only; {', '.join(categories)} are "
+            "categories (not built yet: declare the field as a dataset feature instead)"
+        )
+    if not schema.get("event_time_field"):
+        raise FeatureSetError(
+            "training with a feature set needs the dataset's event time field (windows over "
+            "record timestamps are not built yet for training)"
+        )
+    return plan
+
+
+def _rows(decoded: Any) -> Callable[[int], dict[str, Any]]:
+    """Row i of decoded events as the field values the SQL reads."""
+    numeric_names = [
+        f.name for f in decoded.schema.features if str(f.type) in ("float", "int", "bool")
+    ]
+    numeric = decoded.numeric
+    categories = decoded.categories
+
+    def row(i: int) -> dict[str, Any]:
+        env: dict[str, Any] = {n: float(numeric[i, j]) for j, n in enumerate(numeric_names)}
+        for name, values in categories.items():
+            env[name] = values[i]
+        return env
+
+    return row
+
+
+def run_operator(
+    plan: FeaturePlan, operator: PartitionedOperator, decoded: Any
+) -> tuple[np.ndarray, int]:
+    """Process decoded events in their replay order: their features as a matrix, and how many
+    were late."""
+    n = decoded.rows
+    out = np.full((n, len(plan.outputs)), np.nan)
+    late = 0
+    if n == 0:
+        return out, late
+    times = decoded.event_times
+    row = _rows(decoded)
+    keys = decoded.keys
+    partitions = decoded.partitions
+    for i in range(n):
+        result = operator.process(int(partitions[i]), keys[i], round(float(times[i])), row(i))
+        out[i] = result.values
+        late += result.late
+    return out, late
+
+
+def derive(
+    plan: FeaturePlan,
+    warm: Any | None,
+    warm_ranges: list[dict[str, int]],
+    decoded: Any,
+) -> DerivedFeatures:
+    """The warm-up events build state; the snapshot's events get rows (aligned with `decoded`)."""
+    operator = PartitionedOperator(plan)
+    warm_events = 0
+    if warm is not None:
+        run_operator(plan, operator, warm)
+        warm_events = warm.rows
+    matrix, late = run_operator(plan, operator, decoded)
+    return DerivedFeatures(plan, matrix, warm_ranges, warm_events, late)
+
+
+def feature_set_record(feature_set: dict[str, Any], derived: DerivedFeatures) -> dict[str, Any]:
+    """What the model version keeps of its feature set (in the feature spec and MLflow)."""
+    return {
+        "revision": feature_set["number"],
+        "digest": feature_set["digest"],
+        "sql": feature_set["sql"],
+        "late_policy": feature_set.get("late_policy", "cap"),
+        "allowed_lateness_ms": int(feature_set.get("allowed_lateness_ms", 0)),
+        "horizon_ms": derived.plan.horizon_ms,
+        "outputs": derived.plan.describe(),
+    }
