@@ -585,6 +585,7 @@ def test_api_worker_monitor_and_migrations() -> None:
     api = component("production", "api")
     (container,) = pod_spec(api)["containers"]
     assert container["command"][:2] == ["uvicorn", "carrara.main:app"]
+    assert "--workers=1" in container["command"]  # api.workers (README: Sizing the API)
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     # Not /readyz: a Kafka outage must not take the UI and the API out of the Service.
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
