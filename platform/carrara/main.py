@@ -182,6 +182,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "models and declarative deployments. Authenticate with `Authorization: Bearer <token>`."
         ),
         lifespan=lifespan,
+        # /docs and /redoc are served from local assets by install_ui (no CDN: they work offline).
+        docs_url=None,
+        redoc_url=None,
     )
     # Tokens verified in the last CARRARA_AUTH_CACHE_S seconds authenticate without a query.
     app.state.token_cache = TokenCache(settings.auth_cache_s)

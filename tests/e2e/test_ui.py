@@ -25,6 +25,8 @@ from carrara.streams.topics import TopicAdmin
 from tests.e2e.conftest import UiStack
 
 FEATURES = [f"f{i}" for i in range(4)]
+README_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+PHONE = {"width": 390, "height": 844}
 TRAINING_EVENTS = 2000
 RUN_TIMEOUT_MS = 150_000
 LIVE_TIMEOUT_MS = 90_000
@@ -62,8 +64,71 @@ def nav(page: Page, name: str) -> None:
     page.get_by_role("navigation", name="Main").get_by_role("link", name=name).click()
 
 
-def shot(page: Page, folder: Path, name: str) -> None:
+def shot(page: Page, folder: Path, name: str, readme: str | None = None) -> None:
+    """A full-page screenshot for reviewers; `readme`: also the README's docs/screenshots one."""
     page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+    if readme is not None:
+        page.screenshot(path=str(README_SHOTS / f"{readme}.png"), full_page=True)
+
+
+def watch(page: Page) -> list[str]:
+    """Console errors and 404s of every page `page` shows, as they happen (asserted empty)."""
+    problems: list[str] = []
+
+    def on_console(message: Any) -> None:
+        # A form answered 422 (validation errors on the page) is logged as a failed load.
+        if message.type == "error" and "status of 422" not in message.text:
+            problems.append(f"console error on {page.url}: {message.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: problems.append(f"script error on {page.url}: {error}"))
+    page.on(
+        "response",
+        lambda response: (
+            response.status == 404 and problems.append(f"404 for {response.url} (on {page.url})")
+        ),
+    )
+    return problems
+
+
+NAV_ITEMS = ("Overview", "Datasets", "Runs", "Models", "Deployments")
+# The page is as wide as the window (no horizontal scroll), and every item of the top bar is
+# visible inside the dark header (not wrapped out of it as light text on a light background).
+FITS = """() => {
+  const header = document.querySelector("header.topbar").getBoundingClientRect();
+  const items = [...document.querySelectorAll(".mainnav a, .whoami .who, .whoami button")];
+  const outside = items.filter((el) => {
+    const r = el.getBoundingClientRect();
+    return r.width === 0 || r.top < header.top || r.bottom > header.bottom + 0.5
+      || r.left < 0 || r.right > window.innerWidth;
+  }).map((el) => el.textContent.trim());
+  // What sticks out, to say so when it does: the outermost elements past the right edge that
+  // no scrolling box clips.
+  const past = (el) => el.getBoundingClientRect().right > window.innerWidth + 0.5;
+  const clipped = (el) => {
+    for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      if (getComputedStyle(a).overflowX !== "visible") return true;
+    }
+    return false;
+  };
+  const wide = [...document.querySelectorAll("body *")]
+    .filter((el) => past(el) && !clipped(el) && !(el.parentElement && past(el.parentElement)
+      && !clipped(el.parentElement) && el.parentElement !== document.body))
+    .slice(0, 5)
+    .map((el) => `${el.tagName.toLowerCase()}.${el.className}#${el.id} `
+      + `${Math.round(el.getBoundingClientRect().right)}`);
+  return {scroll: document.documentElement.scrollWidth, width: window.innerWidth, outside, wide};
+}"""
+
+
+def fits_a_phone(page: Page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    layout = page.evaluate(FITS)
+    assert layout["scroll"] <= layout["width"], (url, layout)
+    assert layout["outside"] == [], (url, layout)
+    nav_links = page.get_by_role("navigation", name="Main").get_by_role("link")
+    assert nav_links.all_inner_texts() == list(NAV_ITEMS), url
 
 
 def sign_in(page: Page, stack: UiStack, token: str) -> None:
@@ -110,6 +175,7 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
     topic = f"e2e-cards-{suffix}"
     output, outcomes = f"{topic}.predictions", f"{topic}.outcomes"
     admin = TopicAdmin(stack.settings.kafka_bootstrap)
+    problems = watch(page)
     try:
         # Sign in with an editor token.
         page.goto(f"{stack.ui}/")
@@ -163,14 +229,24 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
         page.wait_for_function(
             "Array.from(document.querySelectorAll('.plots img')).every(i => i.complete)"
         )
-        shot(page, screenshots, "07-run-succeeded")
+        # The baseline is named, with how it was computed.
+        expect(page.locator("#baseline-description")).to_contain_text("majority-class baseline")
+        expect(page.locator("#baseline-description")).to_contain_text("holdout positive rate")
+        expect(page.locator("#metrics-title ~ div table thead")).to_contain_text(
+            "Model vs. baseline"
+        )
+        shot(page, screenshots, "07-run-succeeded", readme="run")
 
         second_run = start_run(page, stack, dataset, model, "0.05")
         wait_for_run(page)
 
         nav(page, "Runs")
+        compare = page.get_by_role("button", name=re.compile(r"^Compare selected"))
+        expect(compare).to_be_disabled()
         page.get_by_label(f"compare run {first_run}").check()
+        expect(compare).to_be_disabled()  # one run: nothing to compare
         page.get_by_label(f"compare run {second_run}").check()
+        expect(compare).to_be_enabled()
         shot(page, screenshots, "08-runs-list")
         page.get_by_role("button", name=re.compile(r"^Compare selected")).click()
         expect(page.locator("h1")).to_have_text("Compare 2 runs")
@@ -188,13 +264,14 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
         shot(page, screenshots, "10-model")
 
         # Deploy the champion (by alias), then add a challenger at 10%: 90/10.
-        admin.create_topic(output, 3)
-        admin.create_topic(outcomes, 3)
+        admin.create_topic(outcomes, 3)  # the output topic is created by the form
         nav(page, "Deployments")
         page.get_by_role("link", name="New deployment").first.click()
         page.get_by_label("Name", exact=True).fill(deployment)
         page.get_by_label("Input topic").fill(topic)
-        page.get_by_label("Output topic").fill(output)
+        page.get_by_label("Output topic", exact=True).fill(output)
+        page.get_by_label("Create it (it must not exist yet) with").check()
+        page.get_by_label("Output topic partitions").fill("3")
         page.get_by_label("Key field").fill("card_id")
         page.get_by_label("Variant 1 name").fill("champion")
         page.get_by_label("Variant 1 model").fill(model)
@@ -206,8 +283,14 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
         page.get_by_label("Reason for this change").fill("first deployment")
         page.get_by_role("button", name="Review change").click()
         expect(page.locator("h1")).to_have_text(f"Create deployment {deployment}")
+        expect(page.locator("#create-topic-note")).to_contain_text(output)
+        expect(page.locator("#pool-warning")).to_have_count(0)  # the pool has a scorer
         page.get_by_role("button", name="Confirm and apply").click()
         expect(page.locator(".flash-success")).to_contain_text("Revision 1 stored")
+        expect(page.locator(".flash-success")).to_contain_text(
+            f"Topic {output} created with 3 partitions."
+        )
+        assert len(admin.partitions(output)) == 3
 
         page.get_by_role("link", name="Add a challenger at 10%").click()
         expect(page.get_by_label("Variant 2 name")).to_have_value("challenger")
@@ -217,7 +300,7 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
         page.get_by_role("button", name="Review change").click()
         expect(page.locator("table.diff tr.diff-added")).to_contain_text("challenger")
         expect(page.locator("table.diff tr.diff-changed")).to_contain_text("90%")
-        shot(page, screenshots, "12-deployment-confirm-diff")
+        shot(page, screenshots, "12-deployment-confirm-diff", readme="deployment-diff")
         page.get_by_role("button", name="Confirm and apply").click()
         expect(page.locator(".flash-success")).to_contain_text("Revision 2 stored")
         expect(page.locator("#rollout")).to_contain_text(
@@ -258,9 +341,30 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
         # Everything at once for the screenshot: charts, accuracy, verdict and drift.
         page.reload()
         expect(page.locator("#verdict")).to_contain_text("challenger vs. champion")
+        # The verdict in a sentence, every number labelled by its variant.
+        sentence = page.locator("#verdict .verdict-sentence").first
+        expect(sentence).to_contain_text(
+            re.compile(
+                r"challenger's [a-z ]+ is [0-9.e-]+ (lower|higher) \((better|worse)\) than "
+                r"champion's(, [0-9.]+% confidence| so far, not significant yet)"
+                r".*n = [0-9,]+ outcomes"
+            ),
+            timeout=LIVE_TIMEOUT_MS,
+        )
+        numbers = page.locator("#verdict .verdict-numbers").first
+        expect(numbers.locator("thead")).to_contain_text("challenger")
+        expect(numbers.locator("thead")).to_contain_text("champion")
+        expect(page.locator("#verdict")).to_contain_text("Difference (challenger \u2212 champion)")
+        expect(page.locator("#verdict")).to_contain_text("confidence = 1 \u2212 p")
         expect(page.locator("#drift")).to_contain_text("stable")
         page.wait_for_function("Number(document.getElementById('charts').dataset.updates) > 0")
-        shot(page, screenshots, "13-deployment-live")
+        # The champion keeps the first colour with a challenger added.
+        colours = page.evaluate(
+            "Object.fromEntries(window.carrara.charts.throughput.data.datasets"
+            ".map(d => [d.label, d.borderColor]))"
+        )
+        assert colours["champion"] == "#2f5bd3", colours
+        shot(page, screenshots, "13-deployment-live", readme="deployment-live")
 
         # Roll back to revision 1, confirmed on its diff.
         page.get_by_role("button", name="Roll back to revision 1").click()
@@ -282,9 +386,26 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
         ]
         shot(page, screenshots, "15-deployment-rolled-back")
 
+        # Stop it (confirmed in a dialog), see the topics it used, start it again.
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Stop", exact=True).click()
+        expect(page.locator(".flash-success")).to_contain_text("Stopped: revision 4")
+        expect(page.locator("#stopped-summary")).to_contain_text(f"{topic} → {output}")
+        nav(page, "Overview")
+        expect(page.locator("#overview-stopped")).to_contain_text(deployment)
+        page.goto(f"{stack.ui}/deployments?status=stopped")
+        expect(page.locator("table.data")).to_contain_text(f"{topic} → {output}")
+        page.get_by_role("link", name=deployment).click()
+        page.get_by_role("button", name=re.compile(r"^Start again")).click()
+        expect(page.locator(".flash-success")).to_contain_text("Started: revision 5")
+        expect(page.locator("h1 .badge")).to_have_text("running")
+        expect(page.locator("#rollout")).to_contain_text(
+            "1/1 scorers on revision 5", timeout=LIVE_TIMEOUT_MS
+        )
+
         nav(page, "Overview")
         expect(page.locator("#overview-live")).to_contain_text(deployment)
-        shot(page, screenshots, "16-overview")
+        shot(page, screenshots, "16-overview", readme="overview")
         page.goto(f"{stack.ui}/datasets")
         shot(page, screenshots, "17-datasets")
         page.goto(f"{stack.ui}/models")
@@ -304,18 +425,133 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
             csrf = reader.locator("input[name=csrf_token]").first.get_attribute("value")
             refused = reader.request.post(
                 f"{stack.ui}/deployments/{deployment}/rollback",
-                form={"csrf_token": csrf or "", "rollback_to": "2", "expected_revision": "3"},
+                form={"csrf_token": csrf or "", "rollback_to": "2", "expected_revision": "5"},
             )
             assert refused.status == 403
             assert "This needs the editor role" in refused.text()
             reader.goto(f"{stack.ui}/deployments/{deployment}/edit")
             expect(reader.locator("h1")).to_have_text("Not allowed")
             shot(reader, screenshots, "20-viewer-refused")
-            assert stack.call("GET", f"/deployments/{deployment}").json()["revision"] == 3
+            assert stack.call("GET", f"/deployments/{deployment}").json()["revision"] == 5
         finally:
             viewer.close()
+
+        # At phone width every page fits (no horizontal scroll), with every menu item visible.
+        phone = browser.new_context(viewport=PHONE)
+        try:
+            mobile = phone.new_page()
+            problems += watch(mobile)
+            sign_in(mobile, stack, stack.editor_token)
+            for path in (
+                "/",
+                "/datasets",
+                f"/datasets/{dataset}",
+                "/datasets/_new",
+                "/runs",
+                f"/runs/{first_run}",
+                f"/runs/new?dataset_version={dataset}@1",
+                f"/runs/compare?ids={first_run}&ids={second_run}",
+                "/models",
+                f"/models/{model}",
+                "/deployments",
+                f"/deployments/{deployment}",
+                f"/deployments/{deployment}/edit",
+                "/deployments/_new",
+            ):
+                fits_a_phone(mobile, f"{stack.ui}{path}")
+            mobile.goto(f"{stack.ui}/deployments/{deployment}")
+            expect(mobile.locator("#live [data-total-predictions]")).to_be_attached()
+            mobile.wait_for_function(
+                "Number(document.getElementById('charts').dataset.updates) > 0"
+            )
+            # The charts take the phone's full width (one column).
+            widths = mobile.evaluate(
+                "[...document.querySelectorAll('.chart-card')].map(c => c.offsetWidth)"
+            )
+            assert min(widths) > 0.8 * mobile.evaluate(
+                "document.querySelector('.charts').offsetWidth"
+            )
+            shot(mobile, screenshots, "21-phone-deployment", readme="phone-deployment")
+
+            # The REST API's docs render with every request off the platform refused.
+            offline = phone.new_page()
+            problems += watch(offline)
+            offline.route(
+                "**/*",
+                lambda route: (
+                    route.continue_()
+                    if route.request.url.startswith(stack.api.url)
+                    else route.abort()
+                ),
+            )
+            offline.goto(f"{stack.api.url}/docs")
+            expect(offline.locator(".swagger-ui .info .title")).to_contain_text("Carrara")
+            expect(offline.locator(".opblock").first).to_be_visible()
+            offline.goto(f"{stack.api.url}/redoc")
+            expect(offline.get_by_role("heading", name=re.compile("Carrara")).first).to_be_visible(
+                timeout=30_000
+            )
+        finally:
+            phone.close()
+        assert problems == [], problems
     finally:
         names = (topic, output, outcomes, f"{topic}.dead-letters")
         topics = [t for t in names if admin.partitions(t)]
         if topics:
             admin.delete_topics(topics)
+
+
+def test_forms_say_what_is_wrong_on_the_right_field_all_at_once(
+    page: Page, ui_stack: UiStack
+) -> None:
+    """Validation in words: no patterns, no zero-based indexes, over-long text refused, not cut."""
+    stack = ui_stack
+    problems = watch(page)
+    sign_in(page, stack, stack.editor_token)
+
+    # An empty dataset form flags every required field at once.
+    page.goto(f"{stack.ui}/datasets/_new")
+    page.get_by_role("button", name="Register dataset").click()
+    for field in ("name", "topic", "key_field"):
+        expect(page.locator(f"#{field}-error")).to_have_text("required")
+    expect(page.locator("#features-error")).to_contain_text("declare at least one feature")
+    # 300 characters are refused (not cut to 100); control characters too.
+    page.get_by_label("Name", exact=True).fill("a" * 300)
+    page.get_by_label("Kafka topic").fill(f"e2e-missing-{uuid.uuid4().hex[:6]}")
+    page.get_by_label("Key field").fill("card\u0007id")
+    page.get_by_label("Label field").fill("fraud")
+    page.get_by_label("Features").fill("f0: float")
+    page.get_by_role("button", name="Register dataset").click()
+    expect(page.locator("#name-error")).to_have_text(
+        "too long: at most 100 characters (this has 300)"
+    )
+    expect(page.locator("#key_field-error")).to_contain_text("must not contain control characters")
+    # A topic that does not exist: said in the form's words (its checkbox), on the topic.
+    page.get_by_label("Name", exact=True).fill(f"e2e-valid-{uuid.uuid4().hex[:6]}")
+    page.get_by_label("Key field").fill("card_id")
+    page.get_by_role("button", name="Register dataset").click()
+    expect(page.locator("#topic-error")).to_contain_text("no such Kafka topic")
+    expect(page.locator(".flash-error")).to_contain_text("tick “Create the topic”")
+    expect(page.locator("main")).not_to_contain_text("create_topic")
+    # Reloading the address the form was posted to shows the form again, not a 404.
+    page.reload()
+    expect(page.locator("h1")).to_have_text("New dataset")
+
+    # The deployment form: every invalid field at once, variants numbered as the form does.
+    page.goto(f"{stack.ui}/deployments/_new")
+    page.get_by_label("Variant 1 model").fill("no-such-model")
+    page.get_by_label("Variant 1 version or alias").fill("Champion!")
+    page.get_by_role("button", name="Review change").click()
+    for field in ("name", "input_topic", "output_topic", "key_field"):
+        expect(page.locator(f"#{field}-error")).to_have_text("required")
+    expect(page.locator("#variants-0-version-error")).to_contain_text(
+        "Variant 1 version or alias: use lowercase letters"
+    )
+    expect(page.locator("#variants-0-model-error")).to_contain_text(
+        "Variant 1 model: no registered model is named 'no-such-model'"
+    )
+    text = page.locator("main").inner_text()
+    assert "pattern" not in text
+    assert "0.weight" not in text
+    assert "variants.0" not in text
+    assert problems == [], problems

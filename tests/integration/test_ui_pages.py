@@ -560,6 +560,95 @@ def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
     overview = client.get("/ui/")
     assert "ui-scoring" in overview.text
 
+    # Stop it from its page, then start it again with the spec it ran last.
+    page = client.get("/ui/deployments/ui-scoring").text
+    assert 'action="/ui/deployments/ui-scoring/stop"' in page
+    stopped = client.post("/ui/deployments/ui-scoring/stop", data={"csrf_token": editor})
+    assert "Stopped: revision 4 tells the scorers to stop it." in stopped.text
+    assert f'It ran revision 3: <span class="mono">{io_topics[0]}</span>' in stopped.text
+    assert 'action="/ui/deployments/ui-scoring/restart"' in stopped.text
+    listed = client.get("/ui/deployments?status=stopped").text
+    assert f"{io_topics[0]} → {io_topics[1]}" in listed  # the topics it used, not "—"
+    overview = client.get("/ui/").text
+    assert "Nothing is running" in overview
+    assert 'id="overview-stopped"' in overview
+    restarted = client.post("/ui/deployments/ui-scoring/restart", data={"csrf_token": editor})
+    assert "Started: revision 5 runs the spec it ran before it stopped." in restarted.text
+    current = db_session.scalar(select(Deployment).where(Deployment.name == "ui-scoring"))
+    assert current is not None
+    assert current.stopped_at is None
+    assert current.current_revision == 5
+
+
+def test_the_deployment_form_reports_every_invalid_field_at_once_in_words(
+    client: TestClient, editor: str, db_session: Session, io_topics: tuple[str, str]
+) -> None:
+    registry.register_version(db_session, "ui-model", 1, None, "models:/x", {})
+    db_session.commit()
+    empty = client.post("/ui/deployments/_new", data={"csrf_token": editor, "name": ""})
+    assert empty.status_code == 422
+    for field in ("name", "input_topic", "output_topic", "key_field"):
+        assert f'<p class="field-error" id="{field}-error">required</p>' in empty.text, field
+    assert "add at least one variant" in empty.text
+    form = {
+        "csrf_token": editor,
+        "name": "a" * 300,
+        "input_topic": io_topics[0],
+        "output_topic": io_topics[0],
+        "key_field": "user\u0007",
+        "pool": "default",
+        "variants-0-name": "champion",
+        "variants-0-model": "no-such-model",
+        "variants-0-version": "champion",
+        "variants-0-weight": "100",
+    }
+    bad = client.post("/ui/deployments/_new", data=form)
+    assert bad.status_code == 422
+    assert "too long: at most 100 characters (this has 300)" in bad.text
+    assert "must not contain control characters" in bad.text
+    assert "Variant 1 model: no registered model is named &#39;no-such-model&#39;" in bad.text
+    assert "pattern" not in bad.text
+    assert "0.weight" not in bad.text
+    # A pool no scorer has reported from is accepted, with a warning on the diff to confirm.
+    form = {**form, "name": "ui-pool", "output_topic": io_topics[1], "key_field": "user"}
+    form |= {"variants-0-model": "ui-model", "variants-0-version": "1", "pool": "nowhere"}
+    preview = client.post("/ui/deployments/_new", data=form)
+    assert preview.status_code == 200, preview.text
+    assert 'id="pool-warning"' in preview.text
+    assert "No scorer has ever reported from pool <strong>nowhere</strong>" in preview.text
+
+
+def test_api_docs_and_the_favicon_are_served_from_local_assets(client: TestClient) -> None:
+    for path, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert f"/ui/static/vendor/{asset}" in page.text
+        assert "cdn.jsdelivr" not in page.text
+        assert "fonts.googleapis" not in page.text
+        assert "fastapi.tiangolo.com" not in page.text
+        assert client.get(f"/ui/static/vendor/{asset}").status_code == 200
+    favicon = client.get("/favicon.ico", follow_redirects=True)
+    assert favicon.status_code == 200
+    assert favicon.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_reloading_the_address_of_a_form_post_lands_on_its_page(
+    client: TestClient, editor: str
+) -> None:
+    for posted, page in (
+        ("/ui/datasets/cards/versions", "/ui/datasets/cards"),
+        ("/ui/deployments/scoring/preview", "/ui/deployments/scoring"),
+        ("/ui/deployments/scoring/rollback/preview", "/ui/deployments/scoring"),
+        ("/ui/models/fraud/aliases", "/ui/models/fraud"),
+    ):
+        response = client.get(posted, follow_redirects=False)
+        assert response.status_code == 303, posted
+        assert response.headers["location"] == page
+    assert client.get("/ui/no/such/page", follow_redirects=False).status_code == 404
+    bogus = client.get("/ui/runs?algorithm=bogus")
+    assert bogus.status_code == 422
+    assert "unknown algorithm &#39;bogus&#39;" in bogus.text
+
 
 def test_ui_routes_stay_out_of_the_openapi_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]

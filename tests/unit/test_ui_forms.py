@@ -19,13 +19,22 @@ from carrara.errors import Invalid
 from carrara.monitoring.schemas import MetricsOut
 from carrara.training.algorithms import ALGORITHMS, validate_params
 from carrara.ui.charts import chart_data, time_axis, total_predictions
-from carrara.ui.deployment_forms import deployment_body, spec_diff, variant_rows, with_challenger
+from carrara.ui.deployment_forms import (
+    deployment_body,
+    deployment_errors,
+    spec_diff,
+    variant_rows,
+    with_challenger,
+)
 from carrara.ui.forms import (
     FORM,
     FormInvalid,
     _feature_line,
+    control_problem,
     dataset_body,
+    dataset_form,
     errors_from_validation,
+    form_words,
     param_errors,
     param_fields,
     params_from_form,
@@ -86,11 +95,16 @@ def test_validation_errors_are_keyed_by_the_form_field() -> None:
         DatasetCreate.model_validate(dataset_body({**form, "name": "Bad Name"}))
     errors = errors_from_validation(exc.value)
     assert list(errors) == ["name"]
-    assert errors["name"].startswith("String should match pattern")
-    # A rule across fields has no single input: it is shown above the form.
+    assert errors["name"].startswith("use lowercase letters, digits")
+    # A rule across fields has no single input: it is shown above the form...
     with pytest.raises(ValidationError) as exc:
         DatasetCreate.model_validate(dataset_body(form))
     assert errors_from_validation(exc.value) == {FORM: "label_field is required for a binary task"}
+    # ...unless it names a field of the form: then it is shown on that field.
+    fields = DatasetCreate.model_fields
+    assert errors_from_validation(exc.value, fields=fields) == {
+        "label_field": "is required for a binary task"
+    }
 
 
 def test_snapshot_and_offsets_forms() -> None:
@@ -328,7 +342,10 @@ def test_chart_series_share_one_time_axis_over_the_whole_window() -> None:
     data = chart_data(metrics)
     assert len(data["labels"]) == 6
     a, b, s, unrouted = data["series"]
-    assert a["throughput"] == [0, 90, 0, 80, 0, 0]  # no events in a minute: 0 scored
+    # No events in a minute: 0 scored; but the minute still filling (12:00 of a window ending at
+    # 12:00:30) is not a 0, and is flagged as partial (drawn dotted, never as a drop).
+    assert a["throughput"] == [0, 90, 0, 80, 0, None]
+    assert data["partial"] is True
     assert a["p50"] == [None, 1.0, None, 1.0, None, None]  # ...and no latency (a gap)
     assert a["quality"][1] == 0.8
     assert a["dead_letter_rate"][3] == 0.2  # 20 of its 100 events
@@ -376,3 +393,57 @@ _OLD_FEATURE_LINE = re.compile(r"^\s*(?P<name>[^:\s][^:]*?)\s*[:\s]\s*(?P<type>[
 def test_the_feature_line_parser_reads_what_the_old_regex_read(line: str) -> None:
     old = _OLD_FEATURE_LINE.match(line)
     assert _feature_line(line) == (None if old is None else (old["name"], old["type"]))
+
+
+def test_validation_messages_read_like_a_person_wrote_them() -> None:
+    """No regex patterns, no zero-based indexes; empty is "required"; too long says by how much."""
+    empty = {"name": "", "topic": "", "key_field": "", "task": "binary", "features": ""}
+    body, errors = dataset_form(empty)
+    with pytest.raises(ValidationError) as exc:
+        DatasetCreate.model_validate(body)
+    errors = {**errors_from_validation(exc.value, fields=DatasetCreate.model_fields), **errors}
+    # Every invalid field at once.
+    assert errors["name"] == "required"
+    assert errors["topic"] == "required"
+    assert errors["key_field"] == "required"
+    assert errors["features"].startswith("declare at least one feature")
+    assert not any("pattern" in message or "^" in message for message in errors.values())
+
+    long = {**empty, "name": "a" * 300, "description": "x\x07y", "features": "a: float"}
+    _, errors = dataset_form(long)
+    assert errors["name"] == "too long: at most 100 characters (this has 300)"
+    assert errors["description"].startswith("must not contain control characters")
+    assert control_problem("line\nbreak") is not None
+    assert control_problem("line\nbreak", multiline=True) is None
+    assert control_problem("zero\u200bwidth", multiline=True) is not None
+    assert form_words(
+        "topic 't' does not exist in Kafka: create it first, or pass "
+        "`create_topic: {partitions: N}` to have it created"
+    ).endswith("or tick “Create the topic” to have it created")
+
+
+def test_deployment_errors_name_the_variant_as_the_form_numbers_it() -> None:
+    form = {
+        "input_topic": "in",
+        "output_topic": "in",
+        "key_field": "",
+        "pool": "Bad Pool",
+        "variants-0-name": "champion",
+        "variants-0-model": "m",
+        "variants-0-version": "1",
+        "variants-0-weight": "ninety",
+        # row 2 (index 1) left empty: the next variant is the form's Variant 3
+        "variants-2-name": "challenger",
+        "variants-2-model": "m",
+        "variants-2-version": "champion!",
+        "variants-2-weight": "10",
+    }
+    with pytest.raises(ValidationError) as exc:
+        DeploymentPut.model_validate(deployment_body(form))
+    errors = deployment_errors(exc.value, form)
+    assert errors["variants-0-weight"] == "Variant 1 weight: a whole number"
+    assert errors["variants-2-version"].startswith("Variant 3 version or alias: use lowercase")
+    assert errors["key_field"] == "required"
+    assert errors["pool"].startswith("use lowercase letters")
+    assert "0." not in " ".join(errors.values())
+    assert not any("pattern" in message for message in errors.values())

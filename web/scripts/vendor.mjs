@@ -14,6 +14,12 @@ const assets = [
   ["htmx.org/LICENSE", "htmx.LICENSE.txt"],
   ["chart.js/dist/chart.umd.min.js", "chart.umd.min.js"],
   ["chart.js/LICENSE.md", "chart.js.LICENSE.md"],
+  // The REST API's docs pages (/docs, /redoc) load these from here too: they work offline.
+  ["swagger-ui-dist/swagger-ui-bundle.js", "swagger-ui-bundle.js"],
+  ["swagger-ui-dist/swagger-ui.css", "swagger-ui.css"],
+  ["swagger-ui-dist/LICENSE", "swagger-ui.LICENSE.txt"],
+  ["redoc/bundles/redoc.standalone.js", "redoc.standalone.js"],
+  ["redoc/LICENSE", "redoc.LICENSE.txt"],
 ];
 
 mkdirSync(target, { recursive: true });

@@ -42,7 +42,22 @@
       }
     }
   }
+  // Runs list: "Compare selected" is enabled with 2 to 5 runs ticked only.
+  function syncCompare(root) {
+    const button = root.querySelector("[data-compare-button]");
+    if (!button) return;
+    const count = root.querySelectorAll("#compare-form input[name=ids]:checked").length;
+    button.disabled = count < 2 || count > 5;
+    const note = root.getElementById ? root.getElementById("compare-count") : null;
+    if (note) {
+      note.textContent =
+        count === 0 ? "tick 2 to 5 runs" : count === 1 ? "1 run ticked: tick at least one more"
+        : count > 5 ? `${count} runs ticked: at most 5` : `${count} runs ticked`;
+    }
+  }
+
   document.addEventListener("change", (event) => {
+    if (event.target.matches && event.target.matches("#compare-form input[name=ids]")) syncCompare(document);
     if (event.target.matches && event.target.matches("input[data-toggles=mode]")) syncModes(document);
     if (event.target.matches && event.target.matches("[data-weight], .variants-editor input[type=checkbox]")) {
       syncWeights(document);
@@ -142,8 +157,14 @@
     return carrara.charts[key];
   }
 
+  // The last bucket is still filling: its segment is dotted (never a drop in traffic).
+  let partialLast = false;
+  const unfinished = (ctx) =>
+    partialLast && ctx.p1DataIndex === ctx.chart.data.labels.length - 1 ? [2, 3] : undefined;
+
   function lineSet(label, values, color, dashed, thin) {
     return {
+      segment: { borderDash: unfinished },
       label,
       data: values,
       borderColor: color,
@@ -159,11 +180,16 @@
     const holder = document.getElementById("live-data");
     if (!holder || !window.Chart) return;
     const data = JSON.parse(holder.textContent);
+    partialLast = Boolean(data.partial);
     const labels = data.labels.map(timeLabel);
+    if (partialLast && labels.length) labels[labels.length - 1] += " (so far)";
     const routed = data.series.filter((s) => s.routed);
-    // A variant keeps its colour whatever the order (by name; "not routed" is grey).
-    const names = routed.map((s) => s.name).sort();
-    const colors = new Map(data.series.map((s) => [s.name, s.routed ? PALETTE[names.indexOf(s.name) % PALETTE.length] : "#9aa3af"]));
+    // A variant keeps its colour when others are added: the champion always takes the first
+    // colour, the others follow in the deployment's order ("not routed" is grey).
+    const names = routed.map((s) => s.name);
+    const champion = data.champion && names.includes(data.champion) ? data.champion : names[0];
+    const ordered = [champion, ...names.filter((n) => n !== champion)];
+    const colors = new Map(data.series.map((s) => [s.name, s.routed ? PALETTE[ordered.indexOf(s.name) % PALETTE.length] : "#9aa3af"]));
     const name = (s) => (s.shadow ? `${s.name} (shadow)` : s.name);
 
     const update = (key, datasets, chartLabels) => {
@@ -204,6 +230,7 @@
     if (event.target && event.target.querySelector && event.target.querySelector("#live-data")) drawLive();
   });
   document.addEventListener("DOMContentLoaded", () => {
+    syncCompare(document);
     syncModes(document);
     syncWeights(document);
   });

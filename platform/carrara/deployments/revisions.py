@@ -19,6 +19,7 @@ from carrara.audit.service import record, with_evidence
 from carrara.auth.principal import Principal
 from carrara.deployments.schemas import DeploymentPut, MonitoringConfig, Policy
 from carrara.deployments.specs import (
+    TOPIC_CHECK_TIMEOUT_S,
     check_metric,
     check_topics,
     monitoring_config_of,
@@ -34,6 +35,7 @@ from carrara.models import Deployment, DeploymentRevision
 from carrara.outbox.service import enqueue_kafka
 from carrara.pagination import PageParams, paginate
 from carrara.streams.deployment_spec import spec_to_dict
+from carrara.streams.topics import TopicAdmin
 from carrara.topic_policy import TopicPolicy
 
 
@@ -246,6 +248,7 @@ def apply(
     *,
     action: str = "deployment.apply",
     evidence: dict[str, Any] | None = None,
+    created_topics: frozenset[str] = frozenset(),
 ) -> Applied:
     """Store `body` as the desired state of `name` if it differs from the current one.
 
@@ -253,11 +256,15 @@ def apply(
     deployment given a spec starts again with a new revision, even if the spec is its last one.
     Audited either way as `action` by `actor`; an automatic change (the monitor's policies)
     passes its own action and the `evidence` that triggered it, kept in the audit entry.
+    `created_topics`: topics the caller creates before applying for real (a preview's dry run
+    does not require them to exist yet).
     """
     spec = normalize(session, body)
     check_topic_policy(publishing, spec)
     check_metric(session, spec)
-    check_topics(publishing.kafka_bootstrap, topics_of(spec))
+    check_topics(
+        publishing.kafka_bootstrap, [t for t in topics_of(spec) if t not in created_topics]
+    )
     # ON CONFLICT DO NOTHING + row lock: two first PUTs of one name both succeed, one after
     # the other, instead of one failing on the unique name.
     session.execute(
@@ -335,3 +342,67 @@ def stop(
     revision = _new_revision(session, deployment, None, reason or "stopped", actor, publishing)
     applied = Applied(deployment, revision, changed=True, before=current.spec)
     return _audit(session, actor, "deployment.stop", applied)
+
+
+def last_spec_revision(session: Session, deployment: Deployment) -> DeploymentRevision | None:
+    """The newest revision with a spec: what a stopped deployment ran last (None: never ran)."""
+    return session.scalar(
+        select(DeploymentRevision)
+        .where(
+            DeploymentRevision.deployment_id == deployment.id,
+            DeploymentRevision.spec_hash != spec_hash(None),
+        )
+        .order_by(DeploymentRevision.number.desc())
+        .limit(1)
+    )
+
+
+def restart(
+    session: Session, name: str, reason: str, actor: Principal, publishing: Publishing
+) -> Applied:
+    """Start a stopped deployment again: a new revision with the spec it ran last.
+
+    Conflict if it is running. The spec is checked as a rollback's is (topics and models may have
+    gone since it stopped).
+    """
+    deployment = _locked(session, name)
+    if deployment is None or deployment.current_revision == 0:
+        raise NotFound(f"deployment '{name}' does not exist")
+    if deployment.stopped_at is None:
+        raise Conflict(f"deployment '{name}' is running (revision {deployment.current_revision})")
+    last = last_spec_revision(session, deployment)
+    if last is None or last.spec is None:
+        raise Invalid(f"deployment '{name}' never ran a spec: apply one to start it")
+    check_topic_policy(publishing, last.spec)
+    validate_live(session, last.spec, publishing.kafka_bootstrap)
+    text = f"restart with revision {last.number}'s spec" + (f": {reason}" if reason else "")
+    revision = _new_revision(session, deployment, last.spec, text, actor, publishing)
+    applied = Applied(deployment, revision, changed=True, before=None)
+    return _audit(session, actor, "deployment.restart", applied)
+
+
+def check_output_topic_creation(
+    publishing: Publishing, topic: str, partitions: int, pool: str | None
+) -> TopicAdmin:
+    """Invalid (on `output_topic`) unless `topic` may be created: allowed, bounded, new."""
+    problem = publishing.topics.problem(topic, pool)
+    if problem is not None:
+        raise Invalid(problem, errors=[{"field": "output_topic", "message": problem}])
+    publishing.topics.check_creation([(topic, partitions)])
+    admin = TopicAdmin(publishing.kafka_bootstrap)
+    existing = admin.partitions(topic, timeout=TOPIC_CHECK_TIMEOUT_S)
+    if existing:
+        message = (
+            f"topic '{topic}' already exists (with {len(existing)} partitions): "
+            "leave “create it” unticked to use it"
+        )
+        raise Invalid(message, errors=[{"field": "output_topic", "message": message}])
+    return admin
+
+
+def create_output_topic(
+    publishing: Publishing, topic: str, partitions: int, pool: str | None
+) -> None:
+    """Create a deployment's output topic, within the topic policy and the creation bounds."""
+    admin = check_output_topic_creation(publishing, topic, partitions, pool)
+    admin.create_topic(topic, partitions)

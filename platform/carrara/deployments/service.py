@@ -13,18 +13,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carrara.deployments.revisions import (
     Applied,
     Publishing,
     apply,
+    check_output_topic_creation,
+    create_output_topic,
     current_revision,
     get_deployment,
     get_revision,
+    last_spec_revision,
     list_deployments,
     list_revisions,
     monitoring_config,
+    restart,
     rollback,
     stop,
 )
@@ -87,7 +92,9 @@ __all__ = [
     "champion_of",
     "champion_task",
     "check_metric",
+    "check_output_topic_creation",
     "check_topics",
+    "create_output_topic",
     "current_revision",
     "deployment_detail",
     "deployment_out",
@@ -95,6 +102,9 @@ __all__ = [
     "get_deployment",
     "get_revision",
     "is_live",
+    "known_pools",
+    "last_spec",
+    "last_spec_revision",
     "list_deployments",
     "list_revisions",
     "list_scorers",
@@ -104,6 +114,7 @@ __all__ = [
     "normalize",
     "publishing",
     "resolve_version",
+    "restart",
     "revision_out",
     "revision_page",
     "rollback",
@@ -235,3 +246,19 @@ def scorers(session: Session, pool: str | None = None) -> list[ScorerOut]:
     """Every scorer instance known from the status topic, live or stale, by pool and id."""
     now = datetime.now(UTC)
     return [scorer_out(i, now) for i in list_scorers(session, pool)]
+
+
+def last_spec(session: Session, name: str) -> tuple[int, DeploymentSpecOut] | None:
+    """(revision, spec) a deployment ran last: its current one, or the one before it stopped."""
+    deployment, _ = get_deployment(session, name)
+    last = last_spec_revision(session, deployment)
+    if last is None or last.spec is None:
+        return None
+    return last.number, DeploymentSpecOut.model_validate(last.spec)
+
+
+def known_pools(session: Session) -> list[str]:
+    """The scorer pools some scorer has reported from (live or stale), sorted."""
+    return list(
+        session.scalars(select(ScorerInstance.pool).distinct().order_by(ScorerInstance.pool))
+    )

@@ -203,6 +203,11 @@ def verdict_text(result: SequentialResult, champion_name: str, challenger_name: 
     return f"no significant difference yet (p = {result.p_value:.2g}, n = {result.n:,}; {who})"
 
 
+def confidence_percent(confidence: float) -> str:
+    """A confidence as the verdicts word it (rounded down: never more than the test gives)."""
+    return _percent(confidence)
+
+
 def _percent(confidence: float) -> str:
     # Rounded down, so a verdict never claims more confidence than the test gives (the 1e-9 only
     # keeps 0.97 from printing as 96% through binary rounding); past 99% one decimal keeps 99.0%

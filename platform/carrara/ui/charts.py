@@ -50,13 +50,17 @@ def _live_metric(task: str | None) -> tuple[str, str]:
     return "accuracy", "Live accuracy"
 
 
-def chart_data(metrics: MetricsOut) -> dict[str, Any]:
+def chart_data(metrics: MetricsOut, champion: str | None = None) -> dict[str, Any]:
     """Labels (bucket starts) and per-variant series of every chart of the live panel.
 
     The axis spans the whole window, so the charts read as a timeline: a bucket without events
-    has a throughput of 0 and no latency, score or accuracy (a gap in the line).
+    has a throughput of 0 and no latency, score or accuracy (a gap in the line). The last bucket
+    is still filling (`partial`): it has no 0 when empty, and the charts draw it dashed, so it
+    never reads as a drop in traffic. `champion` keeps the first colour whatever is added.
     """
     axis = time_axis(metrics.start, metrics.end, metrics.bucket)
+    size = BUCKET_SIZES[metrics.bucket]
+    partial = bool(axis) and axis[-1] + size > metrics.end.astimezone(UTC)
     labels = [moment.isoformat() for moment in axis]
     metric_field, metric_label = _live_metric(metrics.task)
     # Events per bucket over all variants: the denominator of the not-routed dead-letter rate.
@@ -74,7 +78,8 @@ def chart_data(metrics: MetricsOut) -> dict[str, Any]:
         for moment in axis:
             point = by_start.get(moment)
             if point is None:
-                throughput.append(0 if routed else None)
+                unfinished = partial and moment == axis[-1]
+                throughput.append(0 if routed and not unfinished else None)
                 for values in (p50, p99, e2e_p50, e2e_p99, dead, quality):
                     values.append(None)
                 continue
@@ -113,6 +118,8 @@ def chart_data(metrics: MetricsOut) -> dict[str, Any]:
         "quality_is_rate": metric_field == "accuracy",
         "score_bins": [f"{i / SCORE_BINS:.2f}" for i in range(SCORE_BINS)],
         "series": series,
+        "partial": partial,
+        "champion": champion,
     }
 
 

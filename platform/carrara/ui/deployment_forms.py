@@ -8,8 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from carrara.deployments.schemas import MonitoringConfig
-from carrara.ui.forms import checked, optional, text
+from carrara.ui.forms import FORM, checked, human_message, optional, text
 
 MAX_VARIANT_ROWS = 10
 
@@ -36,6 +38,94 @@ def variant_rows(form: Mapping[str, Any]) -> list[dict[str, Any]]:
             row["shadow_sample_pct"] = sample
         rows.append(row)
     return rows
+
+
+# Text inputs of the deployment form and their limits (the API's), checked before the body is.
+TEXT_LIMITS = {
+    "name": 100,
+    "input_topic": 249,
+    "output_topic": 249,
+    "key_field": 200,
+    "pool": 100,
+    "description": 2000,
+    "reason": 500,
+    "outcomes_topic": 249,
+    "outcome_field": 200,
+    **{f"variants-{i}-name": 100 for i in range(MAX_VARIANT_ROWS)},
+    **{f"variants-{i}-model": 200 for i in range(MAX_VARIANT_ROWS)},
+    **{f"variants-{i}-version": 100 for i in range(MAX_VARIANT_ROWS)},
+}
+VARIANT_LABELS = {
+    "name": "name",
+    "model": "model",
+    "version": "version or alias",
+    "alias": "version or alias",
+    "weight": "weight",
+    "shadow_sample_pct": "shadow sample",
+}
+# Errors of the whole spec, put on the input they are about.
+_SPEC_RULES = (
+    (
+        "input_topic and output_topic must differ",
+        "output_topic",
+        "must differ from the input topic",
+    ),
+    (
+        "monitoring.outcomes_topic must differ",
+        "outcomes_topic",
+        "must differ from the output topic",
+    ),
+    ("weights of live variants", "variants", None),
+    ("variant names must be unique", "variants", None),
+    ("at least one variant must be live", "variants", None),
+    ("monitoring.champion", "variants", None),
+)
+
+
+def variant_rows_index(form: Mapping[str, Any]) -> list[int]:
+    """The form row (0-based) of each variant `variant_rows` returns, in order."""
+    return [
+        i
+        for i in range(MAX_VARIANT_ROWS)
+        if text(form, f"variants-{i}-name") or text(form, f"variants-{i}-model")
+    ]
+
+
+def deployment_errors(exc: ValidationError, form: Mapping[str, Any]) -> dict[str, str]:
+    """The `PUT` body's validation errors on the deployment form's inputs, in words.
+
+    A variant's error goes on its row's input (`variants-N-field`) and says "Variant N+1",
+    counted as the form numbers its rows, never a zero-based index of the body.
+    """
+    rows = variant_rows_index(form)
+    errors: dict[str, str] = {}
+    for error in exc.errors():
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        message = human_message(error)
+        if not loc:
+            for needle, key, text_ in _SPEC_RULES:
+                if needle in message:
+                    errors.setdefault(key, text_ or message)
+                    break
+            else:
+                errors.setdefault(FORM, message)
+            continue
+        head = str(loc[0])
+        if head == "variants" and len(loc) >= 2 and isinstance(loc[1], int):
+            row = rows[loc[1]] if loc[1] < len(rows) else loc[1]
+            field_ = str(loc[2]) if len(loc) > 2 else "name"
+            field_ = "version" if field_ == "alias" else field_
+            label = VARIANT_LABELS.get(field_, field_.replace("_", " "))
+            errors.setdefault(f"variants-{row}-{field_}", f"Variant {row + 1} {label}: {message}")
+        elif head == "variants":
+            errors.setdefault("variants", "add at least one variant (a name and a model)")
+        elif head == "monitoring":
+            sub = str(loc[1]) if len(loc) > 1 else ""
+            key = sub if sub in ("outcomes_topic", "outcome_field", "join_by") else "monitoring"
+            errors.setdefault(key, message)
+        else:
+            errors.setdefault(head, message)
+    return errors
 
 
 def deployment_body(

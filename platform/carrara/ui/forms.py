@@ -49,17 +49,143 @@ def checked(form: Mapping[str, Any], name: str) -> bool:
     return text(form, name) in ("on", "true", "1", "yes")
 
 
-def errors_from_validation(exc: ValidationError, prefix: str = "") -> dict[str, str]:
-    """Pydantic errors by form field: the first element of each error's location."""
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+_LINE_BREAK = re.compile(r"[\r\n\t]")
+_MAX_REPEAT = re.compile(r"\{[01],(\d+)\}")
+# What each input pattern of the API's schemas allows, in words.
+PATTERN_WORDS = {
+    r"^[a-z0-9][a-z0-9._-]{0,99}$": (
+        "use lowercase letters, digits, '.', '_' and '-', starting with a letter or a digit "
+        "(e.g. card-fraud)"
+    ),
+    r"^[A-Za-z0-9._-]{1,249}$": "use letters, digits, '.', '_' and '-' only (no spaces)",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$": (
+        "use letters, digits, '.', '_' and '-', starting with a letter or a digit"
+    ),
+    r"^[a-z][a-z0-9_-]{0,99}$": (
+        "use lowercase letters, digits, '_' and '-', starting with a letter (e.g. champion)"
+    ),
+    r"^[^\x00-\x1f\x7f]+$": "must not contain control characters",
+    r"^[^\x00]*$": "must not contain control characters",
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$": (
+        "a field name or a dotted path of them, e.g. payment.amount"
+    ),
+}
+
+
+def human_pattern(pattern: str) -> str:
+    """What an input `pattern` of the API's schemas allows, in words."""
+    return PATTERN_WORDS.get(pattern, "is not in the expected format")
+
+
+def human_message(error: Mapping[str, Any]) -> str:
+    """One pydantic error as a person would say it: no patterns, types or indexes."""
+    kind = str(error.get("type", ""))
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    size = len(value) if isinstance(value, str) else None
+    if kind == "missing" or (size == 0 and kind.startswith("string_")):
+        return "required"
+    if kind == "string_too_long":
+        return f"too long: at most {ctx.get('max_length')} characters (this has {size})"
+    if kind == "string_too_short":
+        return f"too short: at least {ctx.get('min_length')} characters"
+    if kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", ""))
+        bound = _MAX_REPEAT.search(pattern)
+        if bound is not None and size is not None:
+            limit = int(bound.group(1)) + (1 if "{0," in bound.group(0) else 0)
+            if size > limit:
+                return f"too long: at most {limit} characters (this has {size})"
+        if isinstance(value, str) and _CONTROL.search(value):
+            return "must not contain control characters"
+        return PATTERN_WORDS.get(pattern, "is not in the expected format")
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return "a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return "a number"
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}"
+    if kind == "less_than":
+        return f"must be less than {ctx.get('lt')}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}"
+    if kind == "too_short":
+        return "add at least one"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return message.replace("Input should be", "should be")
+
+
+def control_problem(value: str, multiline: bool = False) -> str | None:
+    """Why `value` cannot be stored as typed (control characters), or None."""
+    if _CONTROL.search(value) or (not multiline and _LINE_BREAK.search(value)):
+        return "must not contain control characters (tabs, line breaks or invisible characters)"
+    return None
+
+
+def text_problems(
+    form: Mapping[str, Any], limits: Mapping[str, int], multiline: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Errors of posted text fields: control characters, or longer than their limit.
+
+    Over-long text is refused, never cut: the inputs carry no `maxlength` (a browser would cut
+    a paste silently), so the limit is checked here and said in the message.
+    """
+    errors: dict[str, str] = {}
+    for name, limit in limits.items():
+        value = form.get(name)
+        if not isinstance(value, str):
+            continue
+        problem = control_problem(value, multiline=name in multiline)
+        if problem is None and len(value.strip()) > limit:
+            problem = f"too long: at most {limit} characters (this has {len(value.strip())})"
+        if problem is not None:
+            errors[name] = problem
+    return errors
+
+
+# The API's wording of a request body, and what the form shows for it instead.
+_FORM_WORDS = (
+    (
+        "pass `create_topic: {partitions: N}` to have it created",
+        "tick “Create the topic” to have it created",
+    ),
+    ("leave out `create_topic` to use it", "untick “Create the topic” to use it"),
+)
+
+
+def form_words(message: str) -> str:
+    """An API message as a form's user reads it: the form's controls, not the body's fields."""
+    for api, form in _FORM_WORDS:
+        message = message.replace(api, form)
+    return message
+
+
+def errors_from_validation(
+    exc: ValidationError, prefix: str = "", fields: Iterable[str] = ()
+) -> dict[str, str]:
+    """Pydantic errors by form field (the first element of each location), in words.
+
+    A rule across fields whose message starts with one of `fields` ("label_field is required
+    for a binary task") goes on that field's input.
+    """
+    names = set(fields)
     errors: dict[str, str] = {}
     for error in exc.errors():
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        message = human_message(error)
         key = FORM
+        head = message.split(" ", 1)[0]
+        if not loc and head in names and " " in message:
+            errors.setdefault(prefix + head, message.split(" ", 1)[1])
+            continue
         if loc:
             key = prefix + loc[0]
-            if len(loc) > 1:
-                message = f"{'.'.join(loc[1:])}: {message}"
+            rest = [str(int(p) + 1) if p.isdigit() else p.replace("_", " ") for p in loc[1:]]
+            if rest:
+                message = f"{' '.join(rest)}: {message}"
         errors.setdefault(key, message)
     return errors
 
@@ -115,6 +241,35 @@ def parse_features(raw: str) -> list[dict[str, str]]:
     if not features:
         raise FormInvalid({"features": f"declare at least one feature, one per line ({types})"})
     return features
+
+
+# Text inputs of the dataset form and their limits (the API's), checked before the body is.
+DATASET_TEXT_LIMITS = {
+    "name": 100,
+    "topic": 249,
+    "key_field": 200,
+    "event_time_field": 200,
+    "label_field": 200,
+    "owner": 200,
+    "description": 10_000,
+    "features": 100_000,
+}
+
+
+def dataset_form(form: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(body, errors) of the new-dataset form: every problem the form itself can see at once.
+
+    The body is complete enough for the API's model to report its own errors next to these.
+    """
+    multiline = frozenset({"features", "description"})
+    errors = text_problems(form, DATASET_TEXT_LIMITS, multiline=multiline)
+    try:
+        body = dataset_body(form)
+    except FormInvalid as exc:
+        errors = {**exc.errors, **errors}
+        # The other fields still go through the API's model: a stand-in for what failed here.
+        body = dataset_body({**form, "features": "placeholder: float", "partitions": "1"})
+    return body, errors
 
 
 def dataset_body(form: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,13 @@ WEB_DIR = Path(__file__).resolve().parents[3] / "web"
 TEMPLATES_DIR = WEB_DIR / "templates"
 STATIC_DIR = WEB_DIR / "static"
 # Copied from web/node_modules by `npm run vendor` (see web/scripts/vendor.mjs); never committed.
-VENDOR_ASSETS = ("htmx.min.js", "chart.umd.min.js")
+VENDOR_ASSETS = (
+    "htmx.min.js",
+    "chart.umd.min.js",
+    "swagger-ui-bundle.js",
+    "swagger-ui.css",
+    "redoc.standalone.js",
+)
 SETUP_HINT = "run `deploy/bootstrap.sh web` (npm ci + npm run vendor in web/)"
 
 
@@ -113,6 +119,15 @@ def _json(value: Any) -> Markup:
     return Markup(text)  # noqa: S704 - escaped above; JSON has no other HTML-active characters
 
 
+def _confidence(value: float | None) -> str:
+    """A verdict's confidence as the monitoring rules word it (rounded down)."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    from carrara.monitoring.statistics import confidence_percent
+
+    return confidence_percent(value)
+
+
 def _pretty_json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
 
@@ -128,7 +143,13 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        when=_when, ago=_ago, number=_number, percent=_percent, json=_json, pretty=_pretty_json
+        when=_when,
+        ago=_ago,
+        number=_number,
+        percent=_percent,
+        json=_json,
+        pretty=_pretty_json,
+        confidence=_confidence,
     )
     env.globals["asset_version"] = asset_version
     return env

@@ -27,11 +27,12 @@ from carrara.training.schemas import RunOut
 from carrara.ui.forms import (
     FORM,
     FormInvalid,
+    dataset_form,
     errors_from_problem,
     errors_from_validation,
+    form_words,
     snapshot_body,
 )
-from carrara.ui.forms import dataset_body as parse_dataset_form
 from carrara.ui.pages import list_page, page_router, query_value, redirect, rolled_back
 from carrara.ui.security import FormDep, PageEditor, PageSession, PageViewer
 from carrara.ui.templating import flash, render
@@ -82,14 +83,19 @@ def create_dataset(
     values = {k: v for k, v in form.items() if isinstance(v, str)}
     status = 422
     try:
-        body = DatasetCreate.model_validate(parse_dataset_form(form))
+        # Every invalid field at once: the form's own checks, then the API's model.
+        raw, errors = dataset_form(form)
+        try:
+            body = DatasetCreate.model_validate(raw)
+        except ValidationError as exc:
+            errors = {**errors_from_validation(exc, fields=DatasetCreate.model_fields), **errors}
+        if errors:
+            raise FormInvalid(errors)
         created = datasets.create_dataset(
             session, settings.kafka_bootstrap, body, user, TopicPolicy.from_settings(settings)
         )
     except FormInvalid as exc:
         errors = exc.errors
-    except ValidationError as exc:
-        errors = errors_from_validation(exc)
     except DomainError as exc:
         rolled_back(request)
         errors, status = _problem_errors(exc), exc.status
@@ -111,7 +117,7 @@ def _problem_errors(exc: DomainError) -> dict[str, str]:
     """A domain error's per-field errors, and its detail at the top of the form."""
     errors = errors_from_problem(exc.extra.get("errors"), exc.detail)
     errors.setdefault(FORM, exc.detail)
-    return errors
+    return {key: form_words(message) for key, message in errors.items()}
 
 
 def _detail(

@@ -25,11 +25,20 @@ from carrara.registry import service as registry
 from carrara.settings import Settings
 from carrara.ui.deployment_forms import (
     MAX_VARIANT_ROWS,
+    TEXT_LIMITS,
     deployment_body,
+    deployment_errors,
     spec_diff,
+    variant_rows_index,
     with_challenger,
 )
-from carrara.ui.forms import errors_from_problem, errors_from_validation, text
+from carrara.ui.forms import (
+    checked,
+    errors_from_problem,
+    human_pattern,
+    text,
+    text_problems,
+)
 from carrara.ui.pages import list_page, page_router, redirect, rolled_back
 from carrara.ui.security import FormDep, PageEditor, PageSession
 from carrara.ui.templating import flash, render
@@ -86,6 +95,7 @@ def _edit_form(
         "errors": errors,
         "rows": min(rows, MAX_VARIANT_ROWS),
         "models": _model_names(session),
+        "pools": deployments.known_pools(session),
         "revision": revision,
     }
     return render(request, "deployments/edit.html", context, status_code=status)
@@ -145,7 +155,12 @@ def _current_spec(session: Session, name: str) -> tuple[dict[str, Any] | None, i
 
 
 def _dry_run(
-    session: Session, settings: Settings, user: Principal, name: str, body: DeploymentPut
+    session: Session,
+    settings: Settings,
+    user: Principal,
+    name: str,
+    body: DeploymentPut,
+    created: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], bool]:
     """(spec, changed) that `PUT` would store for `body`, with every check `PUT` makes.
 
@@ -154,10 +169,36 @@ def _dry_run(
     """
     savepoint = session.begin_nested()
     try:
-        applied = deployments.apply(session, name, body, user, deployments.publishing(settings))
+        publishing = deployments.publishing(settings)
+        applied = deployments.apply(session, name, body, user, publishing, created_topics=created)
         return dict(applied.revision.spec or {}), applied.changed
     finally:
         savepoint.rollback()
+
+
+def _output_partitions(form: Any, settings: Settings, errors: dict[str, str]) -> int | None:
+    """Partitions of the output topic to create (None: the form uses an existing one)."""
+    if not checked(form, "create_output_topic"):
+        return None
+    raw = text(form, "output_partitions") or "3"
+    limit = settings.max_topic_partitions
+    if not raw.isdigit() or not 1 <= int(raw) <= limit:
+        errors["output_partitions"] = f"a whole number of partitions, 1 to {limit}"
+        return None
+    return int(raw)
+
+
+def _unknown_models(session: Session, form: Any) -> dict[str, str]:
+    """Errors on the model inputs naming a model the registry does not have."""
+    known = set(_model_names(session))
+    errors = {}
+    for i in variant_rows_index(form):
+        model = text(form, f"variants-{i}-model")
+        if model and model not in known:
+            errors[f"variants-{i}-model"] = (
+                f"Variant {i + 1} model: no registered model is named '{model}'"
+            )
+    return errors
 
 
 def _preview(
@@ -170,28 +211,44 @@ def _preview(
     *,
     creating: bool,
 ) -> Response:
-    """Validate the edit form as `PUT` would and show the diff to confirm, or the form again."""
+    """Validate the edit form as `PUT` would and show the diff to confirm, or the form again.
+
+    Every invalid input is reported at once: the text checks, the body's validation and the
+    unknown models are collected before anything is tried against the database or Kafka.
+    """
     values = {k: v for k, v in form.items() if isinstance(v, str)}
     current, revision = _current_spec(session, name)
     status = 422
-    errors: dict[str, str] = {}
-    if not _NAME.match(name):
-        errors["name"] = (
-            "lowercase letters, digits, '.', '_' and '-' (up to 100), e.g. fraud-scoring"
-        )
+    errors = text_problems(form, TEXT_LIMITS, multiline=frozenset())
+    if "name" not in errors and not _NAME.match(name):
+        errors["name"] = "required" if not name else human_pattern(NAME_PATTERN)
     elif creating and revision is not None:
         errors["name"] = f"deployment '{name}' already exists: open it and edit it instead"
         status = 409
-    else:
+    partitions = _output_partitions(form, settings, errors)
+    body: DeploymentPut | None = None
+    try:
+        body = DeploymentPut.model_validate(deployment_body(form, current))
+    except ValidationError as exc:
+        errors = {**deployment_errors(exc, form), **errors}
+    errors = {**_unknown_models(session, form), **errors}
+    if body is not None and not errors:
+        publishing = deployments.publishing(settings)
         try:
-            body = DeploymentPut.model_validate(deployment_body(form, current))
-            spec, changed = _dry_run(session, settings, user, name, body)
-        except ValidationError as exc:
-            errors = errors_from_validation(exc)
+            created: frozenset[str] = frozenset()
+            if partitions is not None:
+                deployments.check_output_topic_creation(
+                    publishing, body.output_topic, partitions, body.pool
+                )
+                created = frozenset({body.output_topic})
+            spec, changed = _dry_run(session, settings, user, name, body, created)
         except DomainError as exc:
             rolled_back(request)
-            errors, status = errors_from_problem(exc.extra.get("errors"), exc.detail), exc.status
+            problem: dict[str, str] = errors_from_problem(exc.extra.get("errors"), exc.detail)
+            errors = {_PROBLEM_FIELDS.get(k, k): v for k, v in problem.items()}
+            status = exc.status
         else:
+            pools = deployments.known_pools(session)
             context = {
                 "nav": "deployments",
                 "name": name,
@@ -203,6 +260,9 @@ def _preview(
                 "body_json": orjson.dumps(body.model_dump(mode="json", exclude_none=True)).decode(),
                 "action": f"/ui/deployments/{name}/apply",
                 "rollback_to": None,
+                "create_topic": (body.output_topic, partitions) if partitions else None,
+                "unknown_pool": None if body.pool in pools else body.pool,
+                "pools": pools,
             }
             return render(request, "deployments/confirm.html", context)
     values["name"] = name
@@ -215,6 +275,13 @@ def _preview(
         status=status,
         revision=revision,
     )
+
+
+# A domain error's field (the API's body) as the form's input.
+_PROBLEM_FIELDS = {
+    "monitoring.outcomes_topic": "outcomes_topic",
+    "create_topic.partitions": "output_partitions",
+}
 
 
 @router.post("/deployments/_new")
@@ -263,8 +330,16 @@ def apply_change(
     try:
         _unchanged_since(session, name, form)
         body = DeploymentPut.model_validate_json(text(form, "body"))
+        publishing = deployments.publishing(settings)
+        created = ""
+        partitions = text(form, "create_output_topic")
+        if partitions.isdigit():
+            deployments.create_output_topic(
+                publishing, body.output_topic, int(partitions), body.pool
+            )
+            created = f" Topic {body.output_topic} created with {partitions} partitions."
         applied = deployments.applied_out(
-            session, deployments.apply(session, name, body, user, deployments.publishing(settings))
+            session, deployments.apply(session, name, body, user, publishing)
         )
     except ValidationError as exc:
         flash(request, "error", f"The change is not valid any more: {exc.errors()[0]['msg']}")
@@ -274,7 +349,11 @@ def apply_change(
         flash(request, "error", exc.detail)
         return redirect(f"/deployments/{name}" if _exists(session, name) else "/deployments")
     if applied.changed:
-        flash(request, "success", f"Revision {applied.revision} stored and published to scorers.")
+        flash(
+            request,
+            "success",
+            f"Revision {applied.revision} stored and published to scorers.{created}",
+        )
     else:
         flash(request, "info", f"No change: revision {applied.revision} already has this spec.")
     return redirect(f"/deployments/{name}")
@@ -314,6 +393,9 @@ def preview_rollback(
         "body_json": "",
         "action": f"/ui/deployments/{name}/rollback",
         "rollback_to": target,
+        "create_topic": None,
+        "unknown_pool": None,
+        "pools": [],
     }
     return render(request, "deployments/confirm.html", context)
 

@@ -61,6 +61,12 @@ def live_deployments(session: Session) -> list[LiveDeployment]:
     return lines
 
 
+def stopped_deployments(session: Session, limit: int = 5) -> list[str]:
+    """Names of the most recently made stopped deployments (the overview mentions them)."""
+    page = deployments.deployment_page(session, list_page(None, limit), "stopped")
+    return [d.name for d in page.items]
+
+
 def recent_alerts(session: Session, limit: int = 8) -> list[AlertOut]:
     items, _ = monitoring.list_alerts(session, list_page(None, limit))
     return [AlertOut.model_validate(a) for a in items]
@@ -73,6 +79,7 @@ def overview(request: Request, session: PageSession, user: PageViewer) -> Respon
     context = {
         "nav": "overview",
         "deployments": live_deployments(session),
+        "stopped": stopped_deployments(session),
         "runs": [RunOut.from_run(r) for r in runs],
         "alerts": recent_alerts(session),
     }
@@ -82,5 +89,5 @@ def overview(request: Request, session: PageSession, user: PageViewer) -> Respon
 @router.get("/overview/live")
 def overview_live(request: Request, session: PageSession, user: PageViewer) -> Response:
     """The live deployments table (polled by the overview page)."""
-    context = {"deployments": live_deployments(session)}
+    context = {"deployments": live_deployments(session), "stopped": stopped_deployments(session)}
     return render(request, "partials/overview_deployments.html", context)

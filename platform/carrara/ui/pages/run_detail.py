@@ -69,6 +69,40 @@ def metric_rows(metrics: dict[str, Any]) -> list[MetricRow]:
     return sorted(rows, key=lambda r: (f"baseline_{r.name}" not in metrics, r.name))
 
 
+def baseline_description(metrics: dict[str, Any]) -> str | None:
+    """How the run's baseline was computed (training/evaluation.py), in words; None: none."""
+    if not any(name.startswith("baseline_") for name in metrics):
+        return None
+    if "alert_rate" in metrics:
+        return (
+            "Random alerts at the model's own alert rate ({rate}): its expected precision is the "
+            "holdout's anomaly rate and its expected recall the alert rate."
+        ).format(rate=_share(metrics.get("alert_rate")))
+    if "positive_rate" in metrics:
+        return (
+            "The majority-class baseline, a model without features: it scores every row with the "
+            "training set's positive rate and predicts the training set's majority class for all "
+            "of them (like scikit-learn's DummyClassifier). Its accuracy is therefore the "
+            "holdout's share of that class, which can be below 50% when the holdout's majority "
+            "differs "
+            "(holdout positive rate: {rate})."
+        ).format(rate=_share(metrics.get("positive_rate")))
+    if "classes" in metrics:
+        return (
+            "The majority-class baseline, a model without features: it scores every row with the "
+            "training set's class frequencies and predicts its most frequent class for all of them "
+            "(like scikit-learn's DummyClassifier)."
+        )
+    return (
+        "The mean baseline, a model without features: it predicts the training set's mean label "
+        "for every row (like scikit-learn's DummyRegressor)."
+    )
+
+
+def _share(value: Any) -> str:
+    return f"{value * 100:.1f}%" if isinstance(value, int | float) else "unknown"
+
+
 def produced_version(session: Session, run: RunOut) -> int | None:
     """The version number of the model the run registered, from the registry's lineage."""
     if run.model_version_id is None:
@@ -126,6 +160,7 @@ def _run_context(session: Session, run_id: int) -> dict[str, Any]:
         "nav": "runs",
         "run": run,
         "metric_rows": metric_rows(run.metrics),
+        "baseline": baseline_description(run.metrics),
         "model_version": produced_version(session, run),
         "active": run.status.value in ACTIVE,
     }

@@ -56,6 +56,9 @@ def list_runs(
     }
     if filters["status"] is not None and filters["status"] not in RunStatus.__members__:
         raise Invalid(f"unknown status {filters['status']!r}; use one of {', '.join(RunStatus)}")
+    known = [a.name for a in training.algorithms()]
+    if filters["algorithm"] is not None and filters["algorithm"] not in known:
+        raise Invalid(f"unknown algorithm {filters['algorithm']!r}; use one of {', '.join(known)}")
     items, next_cursor = training.list_runs(
         session,
         list_page(cursor),
