@@ -253,6 +253,10 @@ def test_dataset_and_snapshot_forms_validate_like_the_api(
         select(AuditEvent.action).where(AuditEvent.resource_id.like("ui-cards%"))
     ).all()
     assert sorted(audit) == ["dataset.create", "dataset.version.create"]
+    # A second snapshot with no new events is allowed, and said so.
+    again = client.post("/ui/datasets/ui-cards/versions", data={"csrf_token": editor})
+    assert "v2 pins the same offsets as v1: no new events arrived" in again.text
+    assert "same events as v1" in again.text
 
     sample = client.get("/ui/datasets/ui-cards/sample", headers={"HX-Request": "true"})
     assert sample.status_code == 200
@@ -559,6 +563,11 @@ def test_deployment_edits_are_confirmed_on_a_diff_and_rolled_back(
     assert "Nothing to compare" in client.get("/ui/deployments/ui-scoring/verdict").text
     overview = client.get("/ui/")
     assert "ui-scoring" in overview.text
+    # The model's lineage says which deployments serve each version.
+    model_page = client.get("/ui/models/ui-model").text
+    assert 'id="v1-deployments"' in model_page
+    assert '<a href="/ui/deployments/ui-scoring">ui-scoring</a>' in model_page
+    assert 'id="v2-deployments"' not in model_page  # rolled back to v1 only
 
     # Stop it from its page, then start it again with the spec it ran last.
     page = client.get("/ui/deployments/ui-scoring").text

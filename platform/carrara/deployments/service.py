@@ -99,6 +99,7 @@ __all__ = [
     "deployment_detail",
     "deployment_out",
     "deployment_page",
+    "deployments_using",
     "get_deployment",
     "get_revision",
     "is_live",
@@ -262,3 +263,25 @@ def known_pools(session: Session) -> list[str]:
     return list(
         session.scalars(select(ScorerInstance.pool).distinct().order_by(ScorerInstance.pool))
     )
+
+
+def deployments_using(session: Session, model: str) -> dict[int, list[str]]:
+    """Running deployments whose current revision serves a version of `model`, by version."""
+    rows = session.execute(
+        select(Deployment.name, DeploymentRevision.spec)
+        .join(
+            DeploymentRevision,
+            (DeploymentRevision.deployment_id == Deployment.id)
+            & (DeploymentRevision.number == Deployment.current_revision),
+        )
+        .where(Deployment.stopped_at.is_(None), Deployment.current_revision > 0)
+        .order_by(Deployment.name)
+    )
+    using: dict[int, list[str]] = {}
+    for name, spec in rows:
+        for variant in (spec or {}).get("variants", []):
+            if variant.get("model") == model and isinstance(variant.get("version"), int):
+                names = using.setdefault(variant["version"], [])
+                if name not in names:
+                    names.append(name)
+    return using

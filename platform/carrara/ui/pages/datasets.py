@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any
 
 from fastapi import Query, Request, Response
@@ -120,6 +121,16 @@ def _problem_errors(exc: DomainError) -> dict[str, str]:
     return {key: form_words(message) for key, message in errors.items()}
 
 
+def same_events(versions: list[DatasetVersionOut]) -> dict[int, int]:
+    """{version: the version before it} when both pin exactly the same offsets (no new events)."""
+    ordered = sorted(versions, key=lambda v: v.number)
+    return {
+        b.number: a.number
+        for a, b in itertools.pairwise(ordered)
+        if b.number == a.number + 1 and b.offsets == a.offsets
+    }
+
+
 def _detail(
     request: Request,
     session: Session,
@@ -132,11 +143,13 @@ def _detail(
     dataset = DatasetOut.model_validate(datasets.get_dataset(session, name))
     versions, _ = datasets.list_versions(session, name, list_page(None))
     runs, _ = training.list_runs(session, list_page(None, 10), dataset=name)
+    shown = [DatasetVersionOut.from_version(v) for v in versions]
     context = {
         "nav": "datasets",
         "dataset": dataset,
         "subject": sampling.subject_view(dataset.format, dataset.subject),
-        "versions": [DatasetVersionOut.from_version(v) for v in versions],
+        "versions": shown,
+        "same_as": same_events(shown),
         "runs": [RunOut.from_run(r) for r in runs],
         "modes": [m.value for m in SnapshotMode],
         "snapshot_values": snapshot_values or {"mode": "latest"},
@@ -196,6 +209,17 @@ def create_snapshot(
             f"Snapshot v{version.number} pinned: {version.event_count:,} events "
             f"over {len(version.offsets)} partition(s).",
         )
+        shown = [
+            DatasetVersionOut.from_version(v)
+            for v in datasets.list_versions(session, name, list_page(None, 2))[0]
+        ]
+        if version.number in same_events(shown):
+            flash(
+                request,
+                "info",
+                f"v{version.number} pins the same offsets as v{version.number - 1}: no new events "
+                "arrived in between, so both train on the same events.",
+            )
         return redirect(f"/datasets/{name}#versions")
     return _detail(
         request, session, name, snapshot_values=values, snapshot_errors=errors, status=status

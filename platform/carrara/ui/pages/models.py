@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 
 from carrara.auth.roles import Role
 from carrara.datasets import service as datasets
+from carrara.deployments import service as deployments
 from carrara.deps import AliasName, ModelName, SettingsDep, VersionNumber
 from carrara.errors import DomainError
 from carrara.registry import service as registry
@@ -155,6 +156,7 @@ def _detail(
         "values": values or {"alias": "champion"},
         "errors": errors or {},
         "can_admin": user is not None and user.can(Role.admin),
+        "deployed": deployments.deployments_using(session, name),
     }
     return render(request, "models/detail.html", context, status_code=status)
 
