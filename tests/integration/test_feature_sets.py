@@ -149,6 +149,12 @@ def test_feature_sets_are_revisions_validated_audited_and_previewed(
     assert u1["s_10s"] is None  # the window holds only a NULL amount
     assert u1["n_1h"] == 2.0
 
+    fast = client.post(
+        f"{url}/preview", json={"events": 50, "engine": "duckdb"}, headers=viewer_headers
+    )
+    assert fast.status_code == 200, fast.text
+    assert fast.json()["rows"] == body["rows"]  # the DuckDB fast path, on the same events
+
     # A run pins the dataset's current feature-set revision (its training rows use exactly it).
     version = client.post(f"/api/v1/datasets/{name}/versions", json={}, headers=editor_headers)
     assert version.status_code == 201, version.text

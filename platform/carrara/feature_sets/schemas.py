@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +64,11 @@ class FeaturePreviewIn(BaseModel):
     late_policy: LatePolicy | None = None
     allowed_lateness_ms: int | None = Field(None, ge=0, le=86_400_000)
     events: int = Field(20, ge=1, le=MAX_PREVIEW_EVENTS, description="The newest N events")
+    engine: Literal["operator", "duckdb"] = Field(
+        "operator",
+        description="`operator`: the reference incremental operator (what scorers and training "
+        "run); `duckdb`: the fast path, held equal to it by a property-based test",
+    )
 
 
 class FeaturePreviewRow(BaseModel):

@@ -21,6 +21,8 @@ from carrara.auth.principal import Principal
 from carrara.datasets.service import KAFKA_TIMEOUT, get_dataset
 from carrara.errors import Conflict, Invalid, NotFound, Unavailable
 from carrara.feature_sets.schemas import FeaturePreviewIn, FeatureSetPut
+from carrara.features import duck
+from carrara.features.duck import LogEvent
 from carrara.features.operator import PartitionedOperator, event_time_ms
 from carrara.features.plan import FeaturePlan, FeatureSqlError, LatePolicy
 from carrara.features.sql import parse_feature_sql
@@ -214,8 +216,8 @@ def preview(session: Session, bootstrap: str, name: str, data: FeaturePreviewIn)
     except KafkaException as exc:
         raise Unavailable(f"Kafka at {bootstrap} did not answer: {exc.args[0]}") from exc
     events.sort(key=lambda e: (e.partition, e.offset))  # log order per partition
-    operator = PartitionedOperator(plan)
-    rows: list[PreviewRow] = []
+    rows: list[PreviewRow | None] = []
+    computable: list[tuple[int, LogEvent]] = []
     for event in events:
         decoded = decode_event(event.value)
         problem = None
@@ -237,13 +239,24 @@ def preview(session: Session, bootstrap: str, name: str, data: FeaturePreviewIn)
                     f" ('{dataset.event_time_field}')" if dataset.event_time_field else ""
                 )
         if problem is not None or key is None or time_ms is None or isinstance(decoded, str):
-            rows.append(
-                PreviewRow(event.partition, event.offset, key, time_ms, False, None, problem)
-            )
+            row = PreviewRow(event.partition, event.offset, key, time_ms, False, None, problem)
+            rows.append(row)
             continue
-        result = operator.process(event.partition, key, time_ms, decoded)
+        computable.append((len(rows), LogEvent(event.partition, key, time_ms, decoded)))
+        rows.append(None)
+    log = [e for _, e in computable]
+    if data.engine == "duckdb":
+        try:
+            results = duck.compute(plan, log)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from exc
+    else:
+        operator = PartitionedOperator(plan)
+        results = [operator.process(e.partition, e.key, e.time_ms, e.fields) for e in log]
+    for (index, event), result in zip(computable, results, strict=True):
+        offset = events[index].offset
         features = {n: _json_value(v) for n, v in zip(plan.names, result.values, strict=True)}
-        rows.append(
-            PreviewRow(event.partition, event.offset, key, result.time_ms, result.late, features)
+        rows[index] = PreviewRow(
+            event.partition, offset, event.key, result.time_ms, result.late, features
         )
-    return Preview(dataset, number, plan, rows)
+    return Preview(dataset, number, plan, [r for r in rows if r is not None])
