@@ -41,7 +41,14 @@ from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, encode_
 from carrara.streams.prediction_record import decode_prediction
 from carrara.streams.scorer_status import decode_status
 from carrara.streams.topics import TopicAdmin
-from tests.integration.conftest import ROOT, RUN_ID, LiveApi, free_port, running_api
+from tests.integration.conftest import (
+    ROOT,
+    RUN_ID,
+    LiveApi,
+    free_port,
+    migrated_database,
+    running_api,
+)
 from tests.integration.test_scorer import _event
 from tests.integration.test_scorer import _register as register_scorer_model
 
@@ -285,6 +292,15 @@ def input_offsets(bootstrap: str, topic: str) -> set[tuple[int, int]]:
 
 
 def test_exactly_once_scorers_and_the_monitor_ride_out_a_broker_kill_and_a_freeze(
+    broker: Broker, stack_settings: Settings
+) -> None:
+    # A database of its own: the session's database is shared with other API processes, whose
+    # relays (and elected single-run loops) talk to the shared broker, not to this one.
+    with migrated_database(stack_settings, f"carrara_outage_{RUN_ID}") as database_url:
+        _kill_and_freeze_through_the_api(broker, stack_settings, database_url)
+
+
+def _kill_and_freeze_through_the_api(
     broker: Broker, stack_settings: Settings, test_database_url: str
 ) -> None:
     admin = TopicAdmin(broker.bootstrap)
