@@ -15,12 +15,12 @@ from confluent_kafka import Producer
 from mlflow import MlflowClient
 
 from carrara.features.operator import PartitionedOperator
+from carrara.features.plan import COLUMN_PREFIX
 from carrara.features.sql import parse_feature_sql
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
 from carrara.training import pipeline
 from carrara.training.algorithms import validate_params
-from carrara.training.features import COLUMN_PREFIX
 
 BASE_MS = 1_714_564_800_000
 MINUTE = 60_000

@@ -15,6 +15,8 @@ Compiled = Callable[[Mapping[str, Any], Sequence[Any]], Any]
 
 # The pseudo-column of the Kafka record timestamp, for datasets without an event time field.
 RECORD_TIME = "_timestamp"
+# A model's input column of a derived feature is `sql.<name>` (a feature may repeat a raw field).
+COLUMN_PREFIX = "sql."
 # LAG's horizon when a feature set has no RANGE window (state must expire somewhere).
 DEFAULT_HORIZON_MS = 24 * 3600 * 1000
 
@@ -109,3 +111,24 @@ class FeaturePlan:
     def describe(self) -> list[dict[str, Any]]:
         """The outputs as data (the API's and the model spec's view)."""
         return [{"name": o.name, "kind": o.kind.value, "sql": o.sql} for o in self.outputs]
+
+
+def decoded_fields(decoded: Any) -> Callable[[int], dict[str, Any]]:
+    """Row i of decoded events (`streams.event_codec.DecodedEvents`) as the fields the SQL reads.
+
+    Training and scorers both read a feature set's inputs through this, from the same decoded
+    columns: declared numeric fields as float (NaN = NULL), categories as their raw values.
+    """
+    numeric_names = [
+        f.name for f in decoded.schema.features if str(f.type) in ("float", "int", "bool")
+    ]
+    numeric = decoded.numeric
+    categories = decoded.categories
+
+    def row(i: int) -> dict[str, Any]:
+        env: dict[str, Any] = {n: float(numeric[i, j]) for j, n in enumerate(numeric_names)}
+        for name, values in categories.items():
+            env[name] = values[i]
+        return env
+
+    return row

@@ -8,18 +8,19 @@ emitted for the snapshot's events only, aligned with the decoded events of the r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from carrara.features.operator import PartitionedOperator
-from carrara.features.plan import FeaturePlan, LatePolicy, OutputKind
+from carrara.features.plan import (
+    FeaturePlan,
+    LatePolicy,
+    OutputKind,
+    decoded_fields,
+)
 from carrara.features.sql import parse_feature_sql
-
-# The model's input columns of derived features: `sql.<name>` (a feature may repeat a raw field).
-COLUMN_PREFIX = "sql."
 
 
 class FeatureSetError(ValueError):
@@ -65,23 +66,6 @@ def plan_of(feature_set: dict[str, Any], schema: dict[str, Any], dataset: str) -
     return plan
 
 
-def _rows(decoded: Any) -> Callable[[int], dict[str, Any]]:
-    """Row i of decoded events as the field values the SQL reads."""
-    numeric_names = [
-        f.name for f in decoded.schema.features if str(f.type) in ("float", "int", "bool")
-    ]
-    numeric = decoded.numeric
-    categories = decoded.categories
-
-    def row(i: int) -> dict[str, Any]:
-        env: dict[str, Any] = {n: float(numeric[i, j]) for j, n in enumerate(numeric_names)}
-        for name, values in categories.items():
-            env[name] = values[i]
-        return env
-
-    return row
-
-
 def run_operator(
     plan: FeaturePlan, operator: PartitionedOperator, decoded: Any
 ) -> tuple[np.ndarray, int]:
@@ -93,7 +77,7 @@ def run_operator(
     if n == 0:
         return out, late
     times = decoded.event_times
-    row = _rows(decoded)
+    row = decoded_fields(decoded)
     keys = decoded.keys
     partitions = decoded.partitions
     for i in range(n):

@@ -89,7 +89,8 @@ def execute(job: Job, settings: Settings, heartbeat: Heartbeat) -> Outcome:
     feature_names = list(spec.columns)
     feature_spec = spec.as_dict()
     if derived is not None:
-        from carrara.training.features import COLUMN_PREFIX, feature_set_record
+        from carrara.features.plan import COLUMN_PREFIX
+        from carrara.training.features import feature_set_record
 
         assert job.feature_set is not None
         features = np.hstack([features, derived.matrix])
