@@ -16,6 +16,7 @@ the election saves the duplicate work, Kafka connections and consumers of N proc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -30,6 +31,22 @@ log = structlog.get_logger(__name__)
 
 # The advisory lock's key: any fixed 64-bit number, the same in every API process of a database.
 SINGLE_RUN_LOCK = 0x6361_7272_6172_6101  # "carrara" + 1
+
+
+def single_run_key(kafka_bootstrap: str, deployments_topic: str, status_topic: str) -> int:
+    """The lock key of one installation: the same database *and* the same Kafka topics.
+
+    API processes that share a database but relay to different Kafka clusters or topics (a
+    second installation on one Postgres server's database, or tests) must not elect one process
+    for all of them: each would leave the others' outbox and scorer status unattended.
+    """
+    digest = hashlib.blake2b(
+        f"{SINGLE_RUN_LOCK}\x00{kafka_bootstrap}\x00{deployments_topic}\x00{status_topic}".encode(),
+        digest_size=8,
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)  # Postgres bigint
+
+
 # Server side: a client gone without closing its socket is noticed after ~10 + 3 x 3 s.
 KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3"

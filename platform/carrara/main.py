@@ -21,7 +21,7 @@ from carrara.deployments.router import scorers_router
 from carrara.errors import API_ERROR_RESPONSES, install_error_handlers
 from carrara.feature_sets.router import router as feature_sets_router
 from carrara.health.router import router as health_router
-from carrara.leadership import Leadership, StartLoops
+from carrara.leadership import Leadership, StartLoops, single_run_key
 from carrara.logging_setup import configure_logging
 from carrara.monitoring.router import alerts_router
 from carrara.monitoring.router import router as monitoring_router
@@ -163,6 +163,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             leadership = Leadership(
                 libpq_conninfo(settings.database_url),
                 single_run_loops(app, settings, signing, health),
+                key=single_run_key(
+                    settings.kafka_bootstrap,
+                    settings.deployments_topic,
+                    settings.scorer_status_topic,
+                ),
                 health=health,
             )
             app.state.loops = {"leader-election": health}

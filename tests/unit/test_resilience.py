@@ -97,3 +97,14 @@ def test_loop_health_is_stalled_without_progress_and_recovers() -> None:
     assert report["last_error"] == "Postgres: connection refused"
     assert [e["event"] for e in logs] == ["loop stalled", "loop recovered"]
     assert not health.is_stalled()
+
+
+def test_one_election_per_installation_not_per_database() -> None:
+    from carrara.leadership import single_run_key
+
+    key = single_run_key("kafka:9092", "carrara.deployments", "carrara.scorer-status")
+    assert key == single_run_key("kafka:9092", "carrara.deployments", "carrara.scorer-status")
+    assert -(2**63) <= key < 2**63  # a Postgres bigint
+    assert key != single_run_key("other:9092", "carrara.deployments", "carrara.scorer-status")
+    assert key != single_run_key("kafka:9092", "test-deployments", "carrara.scorer-status")
+    assert key != single_run_key("kafka:9092", "carrara.deployments", "test-status")
