@@ -403,6 +403,8 @@ def test_a_data_scientist_trains_deploys_watches_and_rolls_back(
             "1/1 scorers on revision 5", timeout=LIVE_TIMEOUT_MS
         )
 
+        page.goto(f"{stack.ui}/models/{model}")
+        expect(page.locator("#v1-deployments")).to_contain_text(deployment)  # lineage
         nav(page, "Overview")
         expect(page.locator("#overview-live")).to_contain_text(deployment)
         shot(page, screenshots, "16-overview", readme="overview")

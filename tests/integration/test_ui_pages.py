@@ -253,6 +253,11 @@ def test_dataset_and_snapshot_forms_validate_like_the_api(
         select(AuditEvent.action).where(AuditEvent.resource_id.like("ui-cards%"))
     ).all()
     assert sorted(audit) == ["dataset.create", "dataset.version.create"]
+    control = client.post(
+        "/ui/datasets/ui-cards/versions", data={"csrf_token": editor, "description": "a\u0007b"}
+    )
+    assert control.status_code == 422
+    assert "must not contain control characters" in control.text
     # A second snapshot with no new events is allowed, and said so.
     again = client.post("/ui/datasets/ui-cards/versions", data={"csrf_token": editor})
     assert "v2 pins the same offsets as v1: no new events arrived" in again.text

@@ -33,6 +33,7 @@ from carrara.ui.forms import (
     errors_from_validation,
     form_words,
     snapshot_body,
+    text_problems,
 )
 from carrara.ui.pages import list_page, page_router, query_value, redirect, rolled_back
 from carrara.ui.security import FormDep, PageEditor, PageSession, PageViewer
@@ -193,6 +194,9 @@ def create_snapshot(
     values = {k: v for k, v in form.items() if isinstance(v, str)}
     status = 422
     try:
+        problems = text_problems(form, {"description": 10_000})
+        if problems:
+            raise FormInvalid(problems)
         body = SnapshotCreate.model_validate(snapshot_body(form))
         version = datasets.create_version(session, settings.kafka_bootstrap, name, body, user)
     except FormInvalid as exc:
