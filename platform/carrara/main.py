@@ -87,14 +87,17 @@ def single_run_loops(
     scorer-status consumer. `app.state.loops` lists the loops this process runs (`/healthz`)."""
     from sqlalchemy.orm import sessionmaker
 
-    from carrara.db import engine_for, libpq_conninfo
+    from carrara.db import libpq_conninfo, make_engine
     from carrara.deployments.status_consumer import StatusConsumer
     from carrara.outbox.relay import BackgroundRelay, OutboxListener, OutboxRelay
     from carrara.training.reaper import reap_lost_runs
 
     def start() -> Callable[[], None]:
         ensure_control_topics(settings)
-        sessions = sessionmaker(bind=engine_for(settings.database_url))
+        # A pool of the loops' own: requests exhausting theirs never stall the relay, nor the
+        # loops the requests.
+        engine = make_engine(settings.database_url, pool_size=2, max_overflow=2)
+        sessions = sessionmaker(bind=engine)
         reap_every = max(1.0, settings.run_heartbeat_timeout_s / 4)
         relay = BackgroundRelay(
             OutboxRelay(settings.kafka_bootstrap, signing=signing),
@@ -126,6 +129,7 @@ def single_run_loops(
             status_consumer.stop()
             relay.stop()
             listener.stop()
+            engine.dispose()
 
         return stop
 

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from carrara.auth.cache import TokenCache
 from carrara.auth.service import authenticate
-from carrara.deps import SessionDep
+from carrara.deps import SessionDep, token_cache
 from carrara.errors import Unauthorized
 from carrara.health.service import ReadinessCache, loop_reports
 from carrara.settings import Settings, get_settings
@@ -71,17 +72,17 @@ async def readyz(
     if (
         scheme.lower() == "bearer"
         and token
-        and await asyncio.to_thread(_valid_token, session, token.strip())
+        and await asyncio.to_thread(_valid_token, session, token.strip(), token_cache(request))
     ):
         body["checks"] = {r.name: {"ok": r.ok, "detail": r.detail} for r in results}
         body["age_s"] = round(age, 3)
     return JSONResponse(body, status_code=503 if failing else 200)
 
 
-def _valid_token(session: Session, secret: str) -> bool:
+def _valid_token(session: Session, secret: str, cache: TokenCache | None) -> bool:
     """Whether `secret` is a valid API token (False too when the database does not answer)."""
     try:
-        authenticate(session, secret)
+        authenticate(session, secret, cache)
     except Unauthorized:
         return False
     except SQLAlchemyError:
