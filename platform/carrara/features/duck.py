@@ -12,7 +12,8 @@ late events, gaps that expire state, NaNs, empty windows). How the semantics bec
   event after a forgotten state is fresh (not capped, not late).
 - A window is a range join on (partition, key, segment), earlier-or-same log position, kept events
   (a `drop`-policy late event sees itself only) and `t_j >= t_i - W`: same-time events at later
-  offsets are never counted, which DuckDB's plain `RANGE` frame gets wrong (../shared/NOTES.md).
+  offsets are never counted, which DuckDB's plain `RANGE` frame gets wrong (the README's
+  "Features in SQL" states the semantics).
 - Per-event expressions and window arguments are the plan's own compiled expressions, evaluated in
   Python: only the stateful part runs in DuckDB. Sums are `fsum`; results are equal to the
   operator's up to floating-point rounding (STDDEV's algorithm differs).
