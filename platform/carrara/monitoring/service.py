@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from carrara.monitoring.alerts import list_alerts
 from carrara.monitoring.drift import DriftReport, FeatureDriftReport, drift
-from carrara.monitoring.metrics import MetricsPoint, MetricsReport, VariantReport, metrics
+from carrara.monitoring.metrics import (
+    MetricsPoint,
+    MetricsReport,
+    VariantReport,
+    live_predictions,
+    metrics,
+)
 from carrara.monitoring.queries import window
 from carrara.monitoring.verdict import Comparison, Verdict, verdict
 
@@ -23,6 +29,7 @@ __all__ = [
     "Verdict",
     "drift",
     "list_alerts",
+    "live_predictions",
     "metrics",
     "verdict",
     "window",

@@ -12,10 +12,9 @@ from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentOut
 from carrara.errors import DomainError
 from carrara.monitoring import service as monitoring
-from carrara.monitoring.schemas import AlertOut, MetricsOut, VerdictOut
+from carrara.monitoring.schemas import AlertOut, VerdictOut
 from carrara.training import service as training
 from carrara.training.schemas import RunOut
-from carrara.ui.charts import total_predictions
 from carrara.ui.pages import list_page, page_router
 from carrara.ui.security import PageSession, PageViewer
 from carrara.ui.templating import render
@@ -40,15 +39,16 @@ def live_deployments(session: Session) -> list[LiveDeployment]:
     """Running deployments with their recent throughput and A/B verdict."""
     page = deployments.deployment_page(session, list_page(None, LIVE_DEPLOYMENTS), "running")
     end = datetime.now(UTC)
+    # One query for every line's throughput (not each deployment's whole metrics report).
+    scored = monitoring.live_predictions(
+        session, [d.name for d in page.items], end - THROUGHPUT_WINDOW, end
+    )
     lines = []
     for deployment in page.items:
         line = LiveDeployment(deployment, None, "", significant=False)
         try:
-            report = monitoring.metrics(
-                session, deployment.name, end - THROUGHPUT_WINDOW, end, "minute"
-            )
-            metrics = MetricsOut.model_validate(report)
-            line.per_minute = total_predictions(metrics) / (THROUGHPUT_WINDOW.seconds / 60)
+            minutes = THROUGHPUT_WINDOW.seconds / 60
+            line.per_minute = scored.get(deployment.name, 0) / minutes
             verdict = VerdictOut.model_validate(monitoring.verdict(session, deployment.name))
             if verdict.comparisons:
                 line.verdict = "; ".join(c.verdict for c in verdict.comparisons)
