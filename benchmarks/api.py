@@ -481,6 +481,24 @@ async def open_loop(
     return samples, total / max(sent_in, 1e-9)
 
 
+def drain(url: str, timeout: float = 180.0) -> float:
+    """Wait until the server has worked off what an overloaded step left queued (requests the
+    client gave up on still run): /healthz answers within 100 ms three times in a row. Returns
+    the seconds waited; without this, one step's backlog would be measured in the next."""
+    started = time.monotonic()
+    fast = 0
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while fast < 3 and time.monotonic() - started < timeout:
+            t = time.perf_counter()
+            try:
+                client.get("/healthz")
+                fast = fast + 1 if time.perf_counter() - t < 0.1 else 0
+            except httpx.HTTPError:
+                fast = 0
+            time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -571,7 +589,9 @@ def render(
         "",
         "Open loop: request i is sent at t0 + i/rate whatever the others are doing; latency "
         "counts from that scheduled time (queueing included); a request fails on a status other "
-        "than the expected one or after 10 s. The mix per 100 requests: "
+        "than the expected one or after 10 s. Between steps the script waits until the server has "
+        "worked off any backlog (/healthz fast again), so an overloaded step does not spill into "
+        "the next. The mix per 100 requests: "
         + ", ".join(f"{n} {w}" for n, w in MIX)
         + f". Seeded: {N_DATASETS} datasets x 3 versions, {N_RUNS} runs, {N_MODELS} models x 5 "
         f"versions, {N_DEPLOYMENTS} deployments (PUT through the API), a week of per-minute "
@@ -667,6 +687,7 @@ def main() -> None:
                     with api_process(db_url, workers, queue) as url:
                         cookies = ui_cookie(url, seed.viewer)
                         asyncio.run(open_loop(url, 50, 5 if not args.quick else 2, seed, cookies))
+                        drain(url)
                         for rate in config_rates:
                             duration = (
                                 args.target_duration if rate == args.target_rate else args.duration
@@ -678,12 +699,14 @@ def main() -> None:
                             for s in samples:
                                 by_endpoint[s.endpoint].append(s)
                             step = Step(achieved, dict(by_endpoint))
+                            waited = drain(url)
                             results[(workers, rate)].append(step)
                             p50, p99, errors, slow, n = summarize(step.reads())
                             print(
                                 f"round {round_ + 1} workers {workers} rate {rate}: reads p50 "
                                 f"{p50:.1f} ms p99 {p99:.1f} ms, errors {errors}, >1 s {slow} "
-                                f"of {n}, achieved {achieved:.0f}/s, load {os.getloadavg()[0]:.1f}",
+                                f"of {n}, achieved {achieved:.0f}/s, "
+                                f"load {os.getloadavg()[0]:.1f}, drained in {waited:.0f} s",
                                 flush=True,
                             )
     finally:
