@@ -540,7 +540,12 @@ def test_the_api_process_consumes_status_and_the_cli_shows_the_rollout(
             CARRARA_SCORER_STATUS_TOPIC=status_topic,
             CARRARA_DEPLOYMENTS_TOPIC=deployments_topic,
         ) as live:
-            # The API made the status topic, compacted.
+            # The API made the status topic, compacted (its elected process does, once it has
+            # won the election: wait for the topic to appear).
+            deadline = time.monotonic() + 60
+            while not admin.partitions(status_topic):
+                assert time.monotonic() < deadline, "the API did not create the status topic"
+                time.sleep(0.2)
             resource = ConfigResource(ConfigResource.Type.TOPIC, status_topic)
             kafka_admin = AdminClient(admin_config(bootstrap))  # keep it alive for the result
             configs = kafka_admin.describe_configs([resource])

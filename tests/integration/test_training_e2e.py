@@ -31,7 +31,7 @@ from carrara.settings import Settings
 from carrara.streams.client_config import producer_config
 from carrara.streams.topics import TopicAdmin
 from carrara.training.onnx_export import OnnxScorer
-from tests.integration.conftest import ROOT, RUN_ID, LiveApi, running_api
+from tests.integration.conftest import ROOT, RUN_ID, LiveApi, migrated_database, running_api
 
 QUEUE = f"carrara-train-{RUN_ID}"
 # Short heartbeat settings so a killed worker is noticed within seconds, not a minute.
@@ -114,9 +114,15 @@ class TrainingStack:
 
 
 @pytest.fixture(scope="module")
-def stack(stack_settings: Settings, test_database_url: str) -> Iterator[TrainingStack]:
-    with running_api(test_database_url, "train", **WORKER_ENV) as api:
-        training = TrainingStack(api, stack_settings, test_database_url)
+def stack(stack_settings: Settings) -> Iterator[TrainingStack]:
+    # A database of its own: the session's is shared with other API processes, and the one
+    # elected to run the lost-run reaper there would re-queue this stack's runs on its own
+    # (default) training queue, with its own heartbeat timeout.
+    with (
+        migrated_database(stack_settings, f"carrara_train_{RUN_ID}") as database_url,
+        running_api(database_url, "train", **WORKER_ENV) as api,
+    ):
+        training = TrainingStack(api, stack_settings, database_url)
         training.start_worker()
         try:
             yield training

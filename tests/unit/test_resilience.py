@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import structlog
 from confluent_kafka import KafkaError, KafkaException
 from structlog.testing import capture_logs
 
+from carrara.streams import resilience
 from carrara.streams.resilience import Backoff, CallGuard, ClientHung, LoopHealth, classify
 
 
@@ -59,43 +63,54 @@ def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
     assert backoff.next_delay() <= 1.0
 
 
-def test_loop_health_logs_one_line_per_outage_and_one_on_recovery() -> None:
-    health = LoopHealth("scorer", stall_after_s=60, deployment="d")
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """The module's log lines, even when an earlier test configured structlog to cache loggers."""
     with capture_logs() as logs:
-        health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "0/2 brokers are down"))
-        assert not health.in_trouble  # a late report, after a recovery: not an outage
-        health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
-        health.on_client_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
-        assert "connection refused" in (health.last_error or "")
-        health.trouble("commit_transaction: timed out", "aborted a transaction")
-        health.trouble("rewound", "rewound")
-        assert health.broker_down
-        assert health.in_trouble
-        health.progress()
-        health.progress()
-    events = [entry["event"] for entry in logs]
+        monkeypatch.setattr(resilience, "log", structlog.get_logger())
+        yield logs
+
+
+def test_loop_health_logs_one_line_per_outage_and_one_on_recovery(
+    captured: list[dict[str, Any]],
+) -> None:
+    health = LoopHealth("scorer", stall_after_s=60, deployment="d")
+    health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "0/2 brokers are down"))
+    assert not health.in_trouble  # a late report, after a recovery: not an outage
+    health.on_client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    health.on_client_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+    assert "connection refused" in (health.last_error or "")
+    health.trouble("commit_transaction: timed out", "aborted a transaction")
+    health.trouble("rewound", "rewound")
+    assert health.broker_down
+    assert health.in_trouble
+    health.progress()
+    health.progress()
+    events = [entry["event"] for entry in captured]
     assert events == ["loop lost the broker", "loop recovered"]
-    assert logs[0]["deployment"] == "d"
-    assert logs[1]["actions"] == {"aborted a transaction": 1, "rewound": 1}
+    assert captured[0]["deployment"] == "d"
+    assert captured[1]["actions"] == {"aborted a transaction": 1, "rewound": 1}
     assert not health.broker_down
     assert not health.in_trouble
 
 
-def test_loop_health_is_stalled_without_progress_and_recovers() -> None:
+def test_loop_health_is_stalled_without_progress_and_recovers(
+    captured: list[dict[str, Any]],
+) -> None:
     health = LoopHealth("monitor", stall_after_s=0.1)
     assert not health.is_stalled()
     health.trouble("Postgres: connection refused")
+    captured.clear()  # the trouble's own line
     deadline = time.monotonic() + 5
-    with capture_logs() as logs:
-        while not health.is_stalled():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert health.is_stalled()  # logged once per episode
-        report = health.report()
-        health.progress()
+    while not health.is_stalled():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert health.is_stalled()  # logged once per episode
+    report = health.report()
+    health.progress()
     assert report["stalled"] is True
     assert report["last_error"] == "Postgres: connection refused"
-    assert [e["event"] for e in logs] == ["loop stalled", "loop recovered"]
+    assert [e["event"] for e in captured] == ["loop stalled", "loop recovered"]
     assert not health.is_stalled()
 
 
