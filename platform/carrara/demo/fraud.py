@@ -1,5 +1,8 @@
 """Scenario 1, card-payment fraud: history -> dataset -> three runs -> A/B/shadow deployment with
-monitoring -> live payments with delayed outcomes -> live metrics and the A/B verdict."""
+monitoring -> live payments with delayed outcomes -> live metrics and the A/B verdict.
+
+Why one module of ~480 lines: it is one scenario script, read top to bottom as the demo runs it.
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ remaining event is routed by its entity key (or its offset when keyless) to one 
 live variant scores its rows in one call; a model that raises is bisected down to the events that
 make it raise, which are dead-lettered while the rest are scored; shadow variants score their
 sample and their results are written marked `shadow`.
+
+Why one module of ~500 lines: it is the scorer's hot path for one batch (decode, route, score,
+encode), kept together so it is profiled and read as one unit; its parts are module-level
+functions with no state of their own.
 """
 
 from __future__ import annotations
