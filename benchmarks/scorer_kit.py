@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from carrara.settings import Settings
 from carrara.streams.client_config import consumer_config, producer_config
+from carrara.streams.consumed import next_offsets
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, encode_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,14 +178,6 @@ def read_topic(
     if len(records) < expected or (exact and len(records) != expected):
         raise RuntimeError(f"{topic}: read {len(records)} records, expected {expected}")
     return records
-
-
-def next_offsets(batch: list[Message]) -> list[TopicPartition]:
-    last: dict[tuple[str, int], int] = {}
-    for m in batch:
-        position = (m.topic(), m.partition())
-        last[position] = max(last.get(position, -1), m.offset())
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
 def rate_from_timestamps(records: list[Message]) -> float:

@@ -41,7 +41,7 @@ from carrara.monitoring.topology import Roles, roles_of, start_offsets
 from carrara.monitoring.watched import Watched, load_watched
 from carrara.settings import Settings
 from carrara.streams.client_config import connection_config
-from carrara.streams.consumed import position
+from carrara.streams.consumed import first_offsets, position
 from carrara.streams.resilience import Backoff, CallGuard, ClientHung, LoopHealth, caught_up
 
 log = structlog.get_logger(__name__)
@@ -155,11 +155,7 @@ class Monitor:
 
     def _rewind(self, messages: list[Message]) -> None:
         """Seek back to the first record of each partition in an unapplied batch."""
-        first: dict[tuple[str, int], int] = {}
-        for m in messages:
-            topic, partition, offset = position(m)
-            first[(topic, partition)] = min(first.get((topic, partition), offset), offset)
-        for (topic, partition), offset in first.items():
+        for (topic, partition), offset in first_offsets(messages).items():
             with contextlib.suppress(KafkaException):
                 self._consumer.seek(TopicPartition(topic, partition, offset))
 

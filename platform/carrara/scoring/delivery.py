@@ -30,7 +30,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from carrara.scoring.batch import OutputRecord
-from carrara.streams.consumed import position
+from carrara.streams.consumed import first_offsets, next_offsets, position
 from carrara.streams.resilience import (
     Backoff,
     CallGuard,
@@ -301,21 +301,3 @@ class Delivery:
 
 class _QueueFull(Exception):
     pass
-
-
-def first_offsets(batch: Sequence[Message]) -> dict[tuple[str, int], int]:
-    first: dict[tuple[str, int], int] = {}
-    for m in batch:
-        topic, partition, offset = position(m)
-        key = (topic, partition)
-        first[key] = min(first.get(key, offset), offset)
-    return first
-
-
-def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
-    last: dict[tuple[str, int], int] = {}
-    for m in batch:
-        topic, partition, offset = position(m)
-        key = (topic, partition)
-        last[key] = max(last.get(key, -1), offset)
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
