@@ -192,7 +192,7 @@ class _Compiled:
 
 
 @lru_cache(maxsize=64)
-def _compile(schema: EventSchema, training: bool) -> _Compiled:
+def _compile(schema: EventSchema, training: bool, with_time: bool) -> _Compiled:
     _check_schema(schema)
     # Attribute names are generated (f0, f1...) and renamed to the JSON names, so any field name
     # works, including ones that are not Python identifiers or that clash with keywords.
@@ -203,7 +203,7 @@ def _compile(schema: EventSchema, training: bool) -> _Compiled:
     ]
     rename = {"key": schema.key_field}
     label_attr = time_attr = None
-    if training and schema.event_time_field:
+    if with_time and schema.event_time_field:
         time_attr = "event_time"
         fields.append((time_attr, int | float | str))
         rename[time_attr] = schema.event_time_field
@@ -252,13 +252,13 @@ def _compile(schema: EventSchema, training: bool) -> _Compiled:
 
 
 @lru_cache(maxsize=64)
-def _compile_rows(schema: EventSchema, training: bool) -> _Compiled:
+def _compile_rows(schema: EventSchema, training: bool, with_time: bool) -> _Compiled:
     """Getters over the rows registry readers make: `(key, [event time], [label], *features)`."""
     _check_schema(schema)
-    layout = slots(schema, training)
+    layout = slots(schema, training, with_time)
     at = 1
     time_at = label_at = None
-    if training and schema.event_time_field:
+    if with_time and schema.event_time_field:
         time_at, at = at, at + 1
     if training and schema.label_field:
         label_at, at = at, at + 1
@@ -336,27 +336,33 @@ class DecodedEvents:
 
 
 class EventDecoder:
-    """Accumulates replayed batches into columns; `training=False` skips label and event time."""
+    """Accumulates replayed batches into columns; `training=False` skips label and event time.
+
+    `event_time` overrides whether the event time is read (and required): a scorer computing a
+    feature set reads it without the label.
+    """
 
     def __init__(
         self,
         schema: EventSchema | Mapping[str, Any],
         *,
         training: bool = True,
+        event_time: bool | None = None,
         max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES,
         expected_rows: int = 0,
         registry: Registry | None = None,
     ) -> None:
         self.schema = as_event_schema(schema)
         self.training = training
+        self.with_time = training if event_time is None else event_time
         fmt = self.schema.format
         # Registry formats read the writer schema each record's id names (`registry`, default:
         # the process's, from CARRARA_SCHEMA_REGISTRY_*); JSON Schema payloads are JSON.
         self._registry = registry
         if fmt in REGISTRY_FORMATS and fmt is not EventFormat.json_schema:
-            self._c = _compile_rows(self.schema, training)
+            self._c = _compile_rows(self.schema, training, self.with_time)
         else:
-            self._c = _compile(self.schema, training)
+            self._c = _compile(self.schema, training, self.with_time)
         names = {f.name: f for f in self.schema.features}
         self._reject_numeric = [
             j for j, name in enumerate(self._c.numeric) if names[name].nulls == NullPolicy.reject
@@ -419,7 +425,9 @@ class EventDecoder:
         good: list[int] = []
         whole = not bad and len(groups) == 1
         for schema_id, indexes in groups.items():
-            reader = reader_for(self._registry, self.schema, self.training, schema_id)
+            reader = reader_for(
+                self._registry, self.schema, self.training, schema_id, self.with_time
+            )
             chosen: Sequence[bytes] = (
                 values if whole else [values[i] for i in indexes]  # type: ignore[misc]
             )

@@ -109,10 +109,14 @@ class Slot:
     default: Any = None  # read when the writer schema has no such field
 
 
-def slots(schema: EventSchema, training: bool) -> list[Slot]:
-    """The row layout of `schema`: key, [event time], [label] (training only), features."""
+def slots(schema: EventSchema, training: bool, with_time: bool | None = None) -> list[Slot]:
+    """The row layout of `schema`: key, [event time], [label] (training only), features.
+
+    The event time is read when training, or when `with_time` says so (a scorer computing a
+    feature set).
+    """
     out = [Slot(schema.key_field, "key", training)]
-    if training and schema.event_time_field:
+    if (training if with_time is None else with_time) and schema.event_time_field:
         out.append(Slot(schema.event_time_field, "time", True))
     if training and schema.label_field:
         out.append(
@@ -619,15 +623,24 @@ def _message_indexes(data: bytes, pos: int) -> tuple[tuple[int, ...], int]:
     return tuple(indexes), pos
 
 
-# Compiled readers, per (registry, dataset schema, training, writer schema id).
-_readers: dict[tuple[str, EventSchema, bool, int], Reader] = {}
+# Compiled readers, per (registry, dataset schema, training, writer schema id, with time).
+_readers: dict[tuple[str, EventSchema, bool, int, bool | None], Reader] = {}
 _readers_lock = threading.Lock()
 _MAX_READERS = 512
 
 
-def reader_for(registry: Registry, schema: EventSchema, training: bool, schema_id: int) -> Reader:
-    """The compiled reader of `schema_id` for `schema` (cached); RegistryUnavailable propagates."""
-    key = (registry.url or str(id(registry)), schema, training, schema_id)
+def reader_for(
+    registry: Registry,
+    schema: EventSchema,
+    training: bool,
+    schema_id: int,
+    with_time: bool | None = None,
+) -> Reader:
+    """The compiled reader of `schema_id` for `schema` (cached); RegistryUnavailable propagates.
+
+    `with_time`: read the event time (default: when training), see `slots`.
+    """
+    key = (registry.url or str(id(registry)), schema, training, schema_id, with_time)
     found = _readers.get(key)
     if found is not None:
         return found
@@ -636,7 +649,7 @@ def reader_for(registry: Registry, schema: EventSchema, training: bool, schema_i
     except SchemaNotFound:
         # Not cached here: the registry remembers unknown ids for a few seconds only.
         return _Refused(f"unknown schema id {schema_id} (not in the Schema Registry)")
-    reader = compile_reader(schema, training, schema_id, registered)
+    reader = compile_reader(schema, training, schema_id, registered, with_time)
     with _readers_lock:
         if len(_readers) >= _MAX_READERS:
             _readers.clear()
@@ -645,7 +658,11 @@ def reader_for(registry: Registry, schema: EventSchema, training: bool, schema_i
 
 
 def compile_reader(
-    schema: EventSchema, training: bool, schema_id: int, registered: Schema
+    schema: EventSchema,
+    training: bool,
+    schema_id: int,
+    registered: Schema,
+    with_time: bool | None = None,
 ) -> Reader:
     """A reader of records written with `registered` (id `schema_id`) for `schema`."""
     wanted = {
@@ -658,7 +675,7 @@ def compile_reader(
         return _Refused(
             f"schema id {schema_id} is a {kind} schema, the dataset reads {schema.format}"
         )
-    layout = slots(schema, training)
+    layout = slots(schema, training, with_time)
     try:
         if schema.format is EventFormat.avro:
             return AvroReader(schema_id, orjson.loads(registered.schema_str or "null"), layout)
