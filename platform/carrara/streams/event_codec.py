@@ -335,6 +335,39 @@ class DecodedEvents:
         return self.rows + self.bad.count
 
 
+@dataclass
+class _Columns:
+    """One batch's decoded events as columns, before the value checks."""
+
+    numeric: np.ndarray  # (rows, numeric features) float64, NaN = missing
+    keys: list[Any]
+    categories: list[list[Any]]  # per category feature, in `_Compiled.categories` order
+    labels: list[Any] | None
+    times: list[Any] | None  # raw event times (numbers or ISO strings)
+
+    def take(self, order: np.ndarray) -> _Columns:
+        at = order.tolist()
+        return _Columns(
+            numeric=self.numeric[order],
+            keys=[self.keys[k] for k in at],
+            categories=[[values[k] for k in at] for values in self.categories],
+            labels=None if self.labels is None else [self.labels[k] for k in at],
+            times=None if self.times is None else [self.times[k] for k in at],
+        )
+
+    @staticmethod
+    def concat(parts: list[_Columns], c: _Compiled) -> _Columns:
+        return _Columns(
+            numeric=np.concatenate([p.numeric for p in parts]),
+            keys=[k for p in parts for k in p.keys],
+            categories=[
+                [v for p in parts for v in p.categories[j]] for j in range(len(c.categories))
+            ],
+            labels=None if c.label_getter is None else [v for p in parts for v in p.labels or []],
+            times=None if c.time_getter is None else [v for p in parts for v in p.times or []],
+        )
+
+
 class EventDecoder:
     """Accumulates replayed batches into columns; `training=False` skips label and event time.
 
@@ -395,8 +428,8 @@ class EventDecoder:
         can be retried); every other problem makes the event bad, with the reason.
         """
         if self.schema.format is not EventFormat.json:
-            events, parts, offs = self._decode_registry(values, partitions, offsets)
-            self._accumulate(events, parts, offs)
+            columns, parts, offs = self._decode_registry(values, partitions, offsets)
+            self._accumulate(columns, parts, offs)
             return
         c = self._c
         decode = c.decode
@@ -407,44 +440,47 @@ class EventDecoder:
         except (msgspec.DecodeError, TypeError):
             # Rare path: find the bad events one by one (a batch is a few thousand at most).
             events, parts, offs = self._decode_one_by_one(values, partitions, offsets)
-        self._accumulate(events, parts, offs)
+        self._accumulate(self._columns(events), parts, offs)
 
     def _decode_registry(
         self,
         values: Sequence[bytes | None],
         partitions: Sequence[int] | np.ndarray,
         offsets: Sequence[int] | np.ndarray,
-    ) -> tuple[list[Any], np.ndarray, np.ndarray]:
-        """Rows of framed records, each decoded with its writer schema; bad ones noted."""
+    ) -> tuple[_Columns, np.ndarray, np.ndarray]:
+        """Columns of framed records, each decoded with its writer schema; bad ones noted."""
         parts = np.asarray(partitions, dtype=np.int32)
         offs = np.asarray(offsets, dtype=np.int64)
         groups, bad = split_by_schema_id(values)
         if self._registry is None:
             self._registry = default_registry()
-        rows: list[Any] = []
+        decoded: list[_Columns] = []
         good: list[int] = []
         whole = not bad and len(groups) == 1
         for schema_id, indexes in groups.items():
-            reader = reader_for(
-                self._registry, self.schema, self.training, schema_id, self.with_time
-            )
+            reader = reader_for(self._registry, self.schema, self.training, schema_id)
             chosen: Sequence[bytes] = (
                 values if whole else [values[i] for i in indexes]  # type: ignore[misc]
             )
             if isinstance(reader, JsonSchemaId):
                 got, kept, failed = self._decode_json_payloads(chosen, indexes)
+                decoded.append(self._columns(got))
+            elif (columnar := reader.columns(chosen, indexes)) is not None:
+                slot_columns, kept, failed = columnar
+                decoded.append(self._slot_columns(slot_columns))
             else:
                 got, kept, failed = reader.rows(chosen, indexes)
-            rows.extend(got)
+                decoded.append(self._columns(got))
             good.extend(kept)
             bad.extend(failed)
+        columns = decoded[0] if len(decoded) == 1 else _Columns.concat(decoded, self._c)
         if len(groups) > 1:  # back in batch order
-            order = sorted(range(len(good)), key=good.__getitem__)
-            rows = [rows[k] for k in order]
+            order = np.argsort(np.asarray(good, dtype=np.int64), kind="stable")
+            columns = columns.take(order)
             good = [good[k] for k in order]
         for i, reason in sorted(bad):
             self.bad.add(int(parts[i]), int(offs[i]), reason)
-        return rows, parts[good], offs[good]
+        return columns, parts[good], offs[good]
 
     def _decode_json_payloads(
         self, values: Sequence[bytes], indexes: Sequence[int]
@@ -465,13 +501,43 @@ class EventDecoder:
             good.append(i)
         return events, good, bad
 
-    def _accumulate(self, events: list[Any], parts: np.ndarray, offs: np.ndarray) -> None:
-        """Append decoded events (structs or rows) to the columns, after the value checks."""
+    def _columns(self, events: list[Any]) -> _Columns:
+        """The columns of decoded events (msgspec structs or registry rows)."""
         c = self._c
-        n = len(events)
+        return _Columns(
+            numeric=_numeric_matrix(events, c),
+            keys=list(map(c.key_getter, events)),
+            categories=[list(map(getter, events)) for getter in c.category_getters],
+            labels=list(map(c.label_getter, events)) if c.label_getter is not None else None,
+            times=list(map(c.time_getter, events)) if c.time_getter is not None else None,
+        )
+
+    def _slot_columns(self, columns: list[Any]) -> _Columns:
+        """The columns of a columnar registry read (one per slot, in the row layout's order)."""
+        c = self._c
+        keys = c.key_getter(columns)
+        n, width = len(keys), len(c.numeric)
+        if width == 0:
+            numeric = np.empty((n, 0), dtype=np.float64)
+        elif width == 1:
+            numeric = np.asarray(c.numeric_getter(columns), dtype=np.float64).reshape(n, 1)
+        else:
+            numeric = np.column_stack(c.numeric_getter(columns)).astype(np.float64, copy=False)
+        return _Columns(
+            numeric=numeric,
+            keys=keys,
+            categories=[getter(columns) for getter in c.category_getters],
+            labels=c.label_getter(columns) if c.label_getter is not None else None,
+            times=c.time_getter(columns) if c.time_getter is not None else None,
+        )
+
+    def _accumulate(self, columns: _Columns, parts: np.ndarray, offs: np.ndarray) -> None:
+        """Append decoded columns, after the value checks."""
+        c = self._c
+        n = len(columns.keys)
         if n == 0:
             return
-        numeric = _numeric_matrix(events, c)
+        numeric = columns.numeric
         keep = np.ones(n, dtype=bool)
         for j in self._reject_numeric:
             for i in np.flatnonzero(np.isnan(numeric[:, j]) & keep):
@@ -480,8 +546,7 @@ class EventDecoder:
                     int(parts[i]), int(offs[i]), f"null or missing at `{self._field(c.numeric[j])}`"
                 )
         for name in self._reject_categories:
-            getter = c.category_getters[c.categories.index(name)]
-            for i, value in enumerate(map(getter, events)):
+            for i, value in enumerate(columns.categories[c.categories.index(name)]):
                 if value is None and keep[i]:
                     keep[i] = False
                     self.bad.add(
@@ -498,10 +563,13 @@ class EventDecoder:
                     f"Expected `int`, got `{float(column[i])!r}` - at `$.{c.numeric[j]}`",
                 )
         times = None
-        if c.time_getter is not None:
-            times = self._event_times(list(map(c.time_getter, events)), parts, offs, keep)
+        if columns.times is not None:
+            times = self._event_times(list(columns.times), parts, offs, keep)
+        keys, categories, labels = columns.keys, columns.categories, columns.labels
         if not keep.all():
-            events = list(compress(events, keep))
+            keys = list(compress(keys, keep))
+            categories = [list(compress(values, keep)) for values in categories]
+            labels = None if labels is None else list(compress(labels, keep))
             numeric, parts, offs = numeric[keep], parts[keep], offs[keep]
             times = times[keep] if times is not None else None
         self._numeric.append(numeric)
@@ -510,19 +578,17 @@ class EventDecoder:
         if times is not None:
             self._times.append(times)
         # str() returns a str key itself; integer keys become their decimal text.
-        if self.training:
-            self._keys.extend(map(str, map(c.key_getter, events)))
+        if self.training or None not in keys:
+            self._keys.extend(map(str, keys))
         else:
-            self._keys.extend(None if k is None else str(k) for k in map(c.key_getter, events))
-        for name, getter in zip(c.categories, c.category_getters, strict=True):
-            self._categories[name].extend(map(getter, events))
-        if c.label_getter is not None:
+            self._keys.extend(None if k is None else str(k) for k in keys)
+        for name, values in zip(c.categories, categories, strict=True):
+            self._categories[name].extend(values)
+        if labels is not None:
             if self.schema.task is Task.regression:
-                self._regression.append(
-                    np.array(list(map(c.label_getter, events)), dtype=np.float64)
-                )
+                self._regression.append(np.array(labels, dtype=np.float64))
             else:
-                self._labels.extend(map(c.label_getter, events))
+                self._labels.extend(labels)
 
     def _field(self, name: str) -> str:
         return next(f.field for f in self.schema.features if f.name == name)

@@ -4,10 +4,12 @@ A dataset's fields (the key, event time, label and features, each a path such as
 `payment.amount`) are resolved once per (dataset schema, writer schema id) against the writer
 schema: a field the writer does not have reads the feature's default (the reader schema's default
 recorded when the dataset was checked) or a missing value; a field whose type no longer fits makes
-every record of that id a bad event with the reason. Records are then decoded with a compiled
-reader (fastavro's C reader for Avro; protobuf's upb parser for Protobuf) and projected onto the
-fields into one tuple per record, `(key, [event time], [label], *features)`, the row layout the
-event codec turns into columns.
+every record of that id a bad event with the reason. Avro batches are then read column by column,
+all records of a writer schema at once (`carrara.streams.avro_columns`, one column per field of
+the row layout); Protobuf records (protobuf's upb parser) and the Avro batches the columnar reader
+declines (arrays or maps in the schema, a malformed record: fastavro's C reader names the reason)
+are decoded record by record and projected onto the fields into one tuple per record,
+`(key, [event time], [label], *features)`, the row layout the event codec turns into columns.
 
 The same resolution checks a dataset against its subject's latest schema
 (`check_registered_schema`), naming each missing or mistyped field.
@@ -21,16 +23,19 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from itertools import compress
 from operator import attrgetter, itemgetter
 from typing import Any
 
 import fastavro
+import numpy as np
 import orjson
 from confluent_kafka.schema_registry import Schema
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 
+from carrara.streams.avro_columns import plan_columns
 from carrara.streams.event_schema import EventFormat, EventSchema, FieldMismatch, Task
 from carrara.streams.schema_registry import (
     HEADER_BYTES,
@@ -407,6 +412,12 @@ class Reader:
     ) -> tuple[list[tuple], list[int], Bad]:
         raise NotImplementedError
 
+    def columns(
+        self, values: Sequence[bytes], indexes: Sequence[int]
+    ) -> tuple[list[Any], list[int], Bad] | None:
+        """One column per slot (see `avro_columns`), or None: use `rows`."""
+        return None
+
 
 @dataclass
 class _Refused(Reader):
@@ -459,6 +470,13 @@ class AvroReader(Reader):
                 raise SlotMismatch(f"writer schema {schema_id} has no field `{slot.path}`")
             routes.append(route)
         self.checks = _null_checks(slots_, [r.nullable for r in routes])
+        self.plan = plan_columns(
+            writer,
+            names,
+            [r.keys for r in routes],
+            [slot.kind for slot in slots_],
+            [slot.default for slot in slots_],
+        )
         flat = all(r.keys is not None and len(r.keys) == 1 and r.convert is None for r in routes)
         if flat:
             self.project: Callable[[dict[str, Any]], tuple] = itemgetter(
@@ -506,6 +524,36 @@ class AvroReader(Reader):
             good.append(i)
         rows, good = _check_nulls(rows, good, self.checks, bad)
         return rows, good, bad
+
+    def columns(
+        self, values: Sequence[bytes], indexes: Sequence[int]
+    ) -> tuple[list[Any], list[int], Bad] | None:
+        if self.plan is None:
+            return None
+        columns = self.plan.read(values, HEADER_BYTES)
+        if columns is None:  # some record is malformed: record by record, with the reasons
+            return None
+        good = list(indexes)
+        bad: Bad = []
+        if not self.checks:
+            return columns, good, bad
+        n = len(good)
+        keep = np.ones(n, dtype=bool)
+        for j, path in self.checks:
+            column = columns[j]
+            if isinstance(column, np.ndarray):
+                nulls = np.isnan(column)
+            else:
+                nulls = np.fromiter((v is None for v in column), dtype=bool, count=n)
+            for k in np.flatnonzero(nulls & keep):
+                keep[k] = False
+                bad.append((good[k], f"null or missing at `{path}`"))
+        if bad:
+            good = list(compress(good, keep))
+            columns = [
+                c[keep] if isinstance(c, np.ndarray) else list(compress(c, keep)) for c in columns
+            ]
+        return columns, good, bad
 
 
 class ProtobufReader(Reader):
@@ -692,10 +740,26 @@ class JsonSchemaId(Reader):
     """JSON Schema records are decoded by the JSON codec; this only says the id is known."""
 
 
+_HEAD = itemgetter(slice(0, HEADER_BYTES))
+
+
 def split_by_schema_id(
     values: Sequence[bytes | None],
 ) -> tuple[dict[int, list[int]], Bad]:
     """Batch indexes per writer schema id, and the records without the framing."""
+    n = len(values)
+    try:  # every record framed (the usual batch): the headers are checked together
+        shortest = min(map(len, values), default=0)  # pyright: ignore[reportArgumentType]
+        heads = b"".join(map(_HEAD, values))  # pyright: ignore[reportArgumentType]
+    except TypeError:  # a tombstone
+        shortest = 0
+    if shortest > HEADER_BYTES:
+        framing = np.frombuffer(heads, dtype=np.uint8).reshape(n, HEADER_BYTES)
+        if not (framing[:, 0] != MAGIC).any():
+            ids = framing[:, 1:].copy().view(">u4").ravel()
+            if (ids == ids[0]).all():
+                return {int(ids[0]): list(range(n))}, []
+            return {int(i): np.flatnonzero(ids == i).tolist() for i in np.unique(ids)}, []
     groups: dict[int, list[int]] = {}
     bad: Bad = []
     for i, value in enumerate(values):
