@@ -458,7 +458,9 @@ class EventDecoder:
         good: list[int] = []
         whole = not bad and len(groups) == 1
         for schema_id, indexes in groups.items():
-            reader = reader_for(self._registry, self.schema, self.training, schema_id)
+            reader = reader_for(
+                self._registry, self.schema, self.training, schema_id, self.with_time
+            )
             chosen: Sequence[bytes] = (
                 values if whole else [values[i] for i in indexes]  # type: ignore[misc]
             )
