@@ -14,6 +14,7 @@ scorer_kit.py (data, models, Kafka, scorer processes), scorer_report.py (tables,
     .venv/bin/python benchmarks/scorer.py            # full: ~10-15 min, writes RESULTS.md
     .venv/bin/python benchmarks/scorer.py --quick    # smoke test: small sizes, 1 round, prints only
     .venv/bin/python benchmarks/scorer.py --phases latency,switch --rounds 5 --no-write
+    .venv/bin/python benchmarks/scorer.py --phases avro --rounds 3 --no-write  # Avro vs JSON
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from scorer_kit import (
     RUN_ID,
     Publisher,
     Registered,
+    avro_events,
     make_events,
     register_model,
 )
 from scorer_phases import (
+    phase_avro,
     phase_latency,
     phase_multi,
     phase_rss,
@@ -118,6 +121,7 @@ def main() -> None:
             print(f"registered {models[-1].name} v{models[-1].version} (ONNX: {models[-1].onnx})")
         b.models = list(models)
         extra: list[Registered] = []
+        avro_model: Registered | None = None
         if "rss" in phases:  # more versions of the last model, so 5 distinct versions exist
             for seed in range(max(0, 5 - len(models))):
                 extra.append(
@@ -129,6 +133,15 @@ def main() -> None:
         t0 = time.perf_counter()
         b.backlog("input", 3, events)
         b.backlog("warm", 6, events[: max(2000, n // 10)])
+        if "avro" in phases:  # the same events as Avro, their schema in the local registry
+            for kind, count in (("input-avro", n), ("warm-avro", max(2000, n // 10))):
+                subject = f"{b.topic(kind, 3 if kind == 'input-avro' else 6)}-value"
+                b.subjects.append(subject)
+                b.fill(kind, avro_events(settings, subject, events[:count]))
+            avro_model = register_model(
+                settings, args.algorithms[0], seed=11, rows=rows, avro_subject=b.subjects[0]
+            )
+            models.append(avro_model)
         if "multi" in phases:
             for i in range(4):
                 b.backlog(f"multi-{i}", 3, events[i * n // 4 : (i + 1) * n // 4])
@@ -138,6 +151,9 @@ def main() -> None:
         if "throughput" in phases:
             print("throughput: one scorer process vs. the raw pass-through")
             phase_throughput(b, procs)
+        if avro_model is not None:
+            print("Avro input: the same model and events, Avro vs JSON, one exactly-once process")
+            phase_avro(b, procs["exactly_once"], b.models[0], avro_model)
         if "latency" in phases:
             print("latency versus rate (read_committed, end to end)")
             phase_latency(b, procs, events)

@@ -28,12 +28,13 @@ from scorer_kit import (
 from carrara.scoring.runner import group_id
 from carrara.settings import Settings
 from carrara.streams.client_config import admin_config
+from carrara.streams.schema_registry import Registry
 from carrara.streams.topics import TopicAdmin
 
 MODES = ("exactly_once", "at_least_once")
 SHORT = {"exactly_once": "eos", "at_least_once": "alo"}
 EVENTS_IN = "carrara_scorer_events_in_total"
-PHASES = ("throughput", "latency", "switch", "multi", "scale", "rss")
+PHASES = ("throughput", "avro", "latency", "switch", "multi", "scale", "rss")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Bench:
     models: list[Registered] = field(default_factory=list)
     procs: list[ScorerProcess] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
+    subjects: list[str] = field(default_factory=list)  # registered in the Schema Registry
     # Deployments are "published" before any backlog exists, so they start at its first event.
     published_at: datetime = field(default_factory=lambda: datetime.now(UTC) - timedelta(seconds=1))
     serial: int = 0
@@ -62,7 +64,12 @@ class Bench:
         return name
 
     def backlog(self, kind: str, partitions: int, events: list[tuple[bytes, bytes]]) -> str:
-        name = self.topic(kind, partitions)
+        self.topic(kind, partitions)
+        return self.fill(kind, events)
+
+    def fill(self, kind: str, events: list[tuple[bytes, bytes]]) -> str:
+        """Produce `events` into the run's topic `kind` (made with `topic`)."""
+        name = self.topics[kind]
         produce_all(self.bootstrap, name, events)
         self.counts[name] = len(events)
         return name
@@ -219,6 +226,13 @@ def cleanup(b: Bench, models: list[Registered]) -> None:
         b.admin.delete_topics([t for t in dict.fromkeys(names) if b.admin.partitions(t)])
     except Exception as exc:
         print(f"could not delete topics: {exc}")
+    for subject in b.subjects:
+        try:
+            registry = Registry.from_settings(b.settings)
+            for permanent in (False, True):  # soft-delete, then delete for good
+                registry.client.delete_subject(subject, permanent=permanent)
+        except Exception as exc:
+            print(f"could not delete the subject {subject}: {exc}")
     client = AdminClient(admin_config(b.bootstrap))
     try:
         listed = client.list_consumer_groups(request_timeout=10).result()

@@ -5,6 +5,7 @@ Kept apart so each file stays readable; nothing here decides what is measured.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -14,20 +15,23 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import httpx
 import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka.schema_registry import Schema
 
 from carrara.settings import Settings
 from carrara.streams.client_config import consumer_config, producer_config
 from carrara.streams.consumed import next_offsets
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec, encode_spec
+from carrara.streams.schema_registry import Registry, frame
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = [f"f{i}" for i in range(20)]
@@ -65,6 +69,40 @@ def make_events(count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
     return events
 
 
+# The same events as Avro records (the Confluent wire format, schema in the local registry).
+AVRO_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "BenchEvent",
+    "namespace": "carrara.bench",
+    "fields": [
+        {"name": "entity", "type": "string"},
+        *({"name": name, "type": "double"} for name in FEATURES),
+        {"name": "label", "type": "int"},
+    ],
+}
+
+
+def avro_events(
+    settings: Settings, subject: str, events: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """`events` (from `make_events`) as Avro records framed with the id of AVRO_SCHEMA,
+    registered under `subject` in the registry of `settings`."""
+    registry = Registry.from_settings(settings)
+    schema_id = registry.register(subject, Schema(orjson.dumps(AVRO_SCHEMA).decode(), "AVRO"))
+    parsed = fastavro.parse_schema(AVRO_SCHEMA)
+    out = []
+    for key, value in events:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, parsed, orjson.loads(value))
+        out.append((key, frame(schema_id, buffer.getvalue())))
+    return out
+
+
+def avro_schema(subject: str) -> dict[str, Any]:
+    """The dataset schema of the Avro events (the same fields as SCHEMA)."""
+    return {**SCHEMA, "format": "avro", "subject": subject}
+
+
 @dataclass(frozen=True)
 class Registered:
     algorithm: str
@@ -74,13 +112,19 @@ class Registered:
 
 
 def register_model(
-    settings: Settings, algorithm: str, seed: int = 11, rows: int = 20_000
+    settings: Settings,
+    algorithm: str,
+    seed: int = 11,
+    rows: int = 20_000,
+    avro_subject: str | None = None,
 ) -> Registered:
     """Train `algorithm` on `rows` events and register it exactly as a Carrara training run does.
 
     The same algorithm registered again (another seed) becomes the next version of one model.
+    With `avro_subject`, the same model (same rows, same seed) is registered as a model of its own
+    whose feature spec reads Avro events of that subject.
     """
-    from carrara.streams.event_codec import decode_events, fit_feature_spec
+    from carrara.streams.event_codec import as_event_schema, decode_events, fit_feature_spec
     from carrara.training.algorithms import validate_params
     from carrara.training.mlflow_logging import Lineage, log_and_register
     from carrara.training.onnx_export import export_onnx
@@ -96,6 +140,9 @@ def register_model(
     if onnx.model_bytes is None:
         print(f"  {algorithm}: no ONNX artifact ({onnx.skipped_reason})")
     name = f"bench-scorer-{RUN_ID}-{algorithm}"
+    if avro_subject is not None:
+        spec = replace(spec, schema=as_event_schema(avro_schema(avro_subject)))
+        name += "-avro"
     logged = log_and_register(
         tracking_uri=settings.mlflow_url,
         registered_model_name=name,

@@ -73,6 +73,38 @@ def phase_throughput(b: Bench, procs: dict[str, ScorerProcess]) -> None:
     }
 
 
+def phase_avro(
+    b: Bench, proc: ScorerProcess, json_model: Registered, avro_model: Registered
+) -> None:
+    """Per round, the same model scoring the same events as JSON and as Avro (registry-framed),
+    one exactly-once process; the order alternates between rounds, the ratio is per round."""
+    rows: dict[str, list[float]] = {"json": [], "avro": [], "ratio": []}
+    cpu: dict[str, list[float]] = {"json": [], "avro": []}
+    for r in rounds_of(b):
+        rates: dict[str, float] = {}
+        order = ("json", "avro") if r % 2 == 0 else ("avro", "json")
+        for fmt in order:
+            model = json_model if fmt == "json" else avro_model
+            kind = ("warm" if r < 0 else "input") + ("-avro" if fmt == "avro" else "")
+            run = run_backlog(b, [proc], model, [b.topics[kind]], f"fmt-{fmt}")
+            rates[fmt] = run.rate
+            if r >= 0:
+                rows[fmt].append(run.rate)
+                cpu[fmt].append(next(iter(run.cores.values())))
+        if r < 0:
+            continue
+        rows["ratio"].append(rates["avro"] / rates["json"])
+        print(
+            f"  round {r + 1}: {json_model.algorithm} JSON {rates['json']:,.0f} events/s, "
+            f"Avro {rates['avro']:,.0f} events/s, Avro / JSON {rows['ratio'][-1]:.2f}x"
+        )
+    b.results["avro"] = {
+        "algorithm": json_model.algorithm,
+        "rates": {k: Stat(v) for k, v in rows.items()},
+        "cores": {k: Stat(v) for k, v in cpu.items()},
+    }
+
+
 def phase_latency(
     b: Bench, procs: dict[str, ScorerProcess], values: list[tuple[bytes, bytes]]
 ) -> None:

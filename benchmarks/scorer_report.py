@@ -151,6 +151,28 @@ def render(
                 f"| {model} | {mode} | {t['runtimes'][(model, mode)]} | {row['rate'].fmt()} | "
                 f"{row['ratio'].fmt(ratio)} | {row['cores'].fmt(cores)} |"
             )
+    if "avro" in results:
+        a = results["avro"]
+        rates, used = a["rates"], a["cores"]
+        out += [
+            "",
+            "### Avro input: the same model on the same events, JSON vs. Avro",
+            "",
+            f"One exactly-once scorer process, {a['algorithm']}: per round, the backlog above as "
+            "JSON and the same events as Avro records (the Confluent wire format, schema "
+            "registered in the local Schema Registry, ~170 bytes) on a second 3-partition topic, "
+            "each scored by a fresh deployment of the same model (trained once; the Avro copy's "
+            "feature spec reads the Avro dataset). The order alternates between rounds; the "
+            "ratio is taken within each round. Avro batches are decoded column by column "
+            "(`streams/avro_columns.py`).",
+            "",
+            "| input | scorer events/s | scorer CPU, cores |",
+            "|---|---|---|",
+            f"| JSON | {rates['json'].fmt()} | {used['json'].fmt(cores)} |",
+            f"| Avro | {rates['avro'].fmt()} | {used['avro'].fmt(cores)} |",
+            "",
+            f"Avro / JSON: {rates['ratio'].fmt(ratio)}.",
+        ]
     if "latency" in results:
         out += [
             "",
