@@ -24,6 +24,7 @@ from carrara.datasets.schemas import NAME_PATTERN as DATASET_NAME_PATTERN
 from carrara.db import get_session
 from carrara.deployments.schemas import NAME_PATTERN as DEPLOYMENT_NAME_PATTERN
 from carrara.errors import Forbidden, Unauthorized
+from carrara.monitoring.views import ViewCache
 from carrara.pagination import PageParams, page_params
 from carrara.registry.schemas import ALIAS_PATTERN, MAX_VERSION, MODEL_NAME_PATTERN
 from carrara.settings import Settings, get_settings
@@ -37,6 +38,7 @@ __all__ = [
     "DeploymentName",
     "Editor",
     "ModelName",
+    "MonitoringCache",
     "PageParamsDep",
     "RunId",
     "SessionDep",
@@ -56,6 +58,14 @@ __all__ = [
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PageParamsDep = Annotated[PageParams, Depends(page_params)]
+
+
+def monitoring_cache(request: Request) -> ViewCache | None:
+    """The app's memory of recent metrics and verdicts (`CARRARA_MONITORING_CACHE_S`), if any."""
+    return getattr(request.app.state, "monitoring_cache", None)
+
+
+MonitoringCache = Annotated[ViewCache | None, Depends(monitoring_cache)]
 
 # --- the caller and its role ----------------------------------------------------------------------
 

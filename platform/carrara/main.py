@@ -25,6 +25,7 @@ from carrara.leadership import Leadership, StartLoops, single_run_key
 from carrara.logging_setup import configure_logging
 from carrara.monitoring.router import alerts_router
 from carrara.monitoring.router import router as monitoring_router
+from carrara.monitoring.service import ViewCache
 from carrara.registry.router import router as models_router
 from carrara.secret_keys import deployment_signing_keys, session_secret
 from carrara.settings import Settings, get_settings
@@ -197,6 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Tokens verified in the last CARRARA_AUTH_CACHE_S seconds authenticate without a query.
     app.state.token_cache = TokenCache(settings.auth_cache_s)
+    # Metrics and verdicts computed in the last CARRARA_MONITORING_CACHE_S seconds are reused.
+    app.state.monitoring_cache = ViewCache(settings.monitoring_cache_s)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(build_api_router())

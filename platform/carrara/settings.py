@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     # A bearer token's principal is remembered this long per process: a revoked token keeps
     # working at most this long in the other processes (expiry is checked on every request).
     auth_cache_s: float = Field(default=5.0, ge=0.0, le=60.0)
+    # A deployment's metrics and verdict, once computed, are served this long per process (and
+    # per revision: a new revision is seen at once); 0 computes every request.
+    monitoring_cache_s: float = Field(default=5.0, ge=0.0, le=300.0)
     # Address of the scorer's and the monitor's /metrics, /healthz, /readyz server.
     probes_host: str = "0.0.0.0"
 

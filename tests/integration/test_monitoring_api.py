@@ -34,6 +34,8 @@ from carrara.models import (
 from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
 from carrara.monitoring import statistics
 from carrara.monitoring.aggregates import Deltas
+from carrara.monitoring.rollup import rebuild_hourly
+from carrara.monitoring.views import ViewCache
 from carrara.registry import service as registry
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
@@ -59,7 +61,8 @@ def histogram(size: int, counts: dict[int, int]) -> list[int]:
 
 
 def metrics_row(deployment: str, variant: str, at: datetime, **values: Any) -> VariantMetrics:
-    """A variant_metrics row with zeros for everything not given."""
+    """A variant_metrics row with zeros for everything not given (written straight into the
+    table: `rebuild_hourly` then sums them into the hourly rollup, as the monitor's flush does)."""
     defaults: dict[str, Any] = {
         "shadow": False,
         "model_version": 1,
@@ -196,6 +199,7 @@ def test_metrics_series_rebucket_and_total_exactly(
         ]
     )
     db_session.flush()
+    rebuild_hourly(db_session, deployed)  # rows written here, not by the monitor's flush
 
     minute = client.get(f"{API}/{deployed}/metrics", params=_window(), headers=viewer_headers)
     assert minute.status_code == 200, minute.text
@@ -290,6 +294,7 @@ def test_end_to_end_latency_is_reported_next_to_the_in_process_latency(
         ]
     )
     db_session.flush()
+    rebuild_hourly(db_session, deployed)  # rows written here, not by the monitor's flush
     # 10 more events of `a`, 20-40 ms end to end, through the monitor's own flush (twice: adds).
     for _ in range(2):
         deltas = Deltas()
@@ -429,6 +434,7 @@ def test_regression_metrics_are_rmse_and_mae(
     )
     db_session.add_all(joined("reg", "r", np.array([1.0, 2.5]), np.array([1.5, 2.0]), BASE))
     db_session.flush()
+    rebuild_hourly(db_session, "reg")  # rows written here, not by the monitor's flush
     report = client.get(f"{API}/reg/metrics", params=_window(), headers=viewer_headers).json()
     assert report["task"] == "regression"
     totals = _variant(report, "r")["totals"]
@@ -447,12 +453,59 @@ def test_metrics_default_window_is_the_last_hour(
         ]
     )
     db_session.flush()
+    rebuild_hourly(db_session, deployed)  # rows written here, not by the monitor's flush
     report = client.get(f"{API}/{deployed}/metrics", headers=viewer_headers).json()
     start = datetime.fromisoformat(report["from"])
     end = datetime.fromisoformat(report["to"])
     assert end - start == timedelta(hours=1)
     assert abs((end - datetime.now(UTC)).total_seconds()) < 60
     assert _variant(report, "a")["totals"]["predictions"] == 7
+
+
+def test_metrics_and_verdicts_are_remembered_briefly_and_per_revision(
+    client: TestClient,
+    viewer_headers: dict[str, str],
+    editor_headers: dict[str, str],
+    io_topics: tuple[str, str],
+    deployed: str,
+    db_session: Session,
+) -> None:
+    url = f"{API}/{deployed}/metrics"
+    before = client.get(url, headers=viewer_headers).json()
+    assert _variant(before, "a")["totals"]["predictions"] == 0
+    verdict_before = client.get(f"{API}/{deployed}/verdict", headers=viewer_headers).json()
+    # The monitor counts a minute: within CARRARA_MONITORING_CACHE_S the same answer is served.
+    deltas = Deltas()
+    deltas.variant(deployed, "a", datetime.now(UTC) - timedelta(minutes=2)).predictions = 7
+    deltas.flush(db_session)
+    assert client.get(url, headers=viewer_headers).json() == before
+    # A new revision is seen at once (the answer is remembered per revision).
+    spec = deployment_body(io_topics, monitoring={"champion": "b"})
+    assert client.put(f"{API}/{deployed}", json=spec, headers=editor_headers).status_code == 201
+    after = client.get(url, headers=viewer_headers).json()
+    assert _variant(after, "a")["totals"]["predictions"] == 7
+    verdict = client.get(f"{API}/{deployed}/verdict", headers=viewer_headers).json()
+    assert (verdict_before["champion"], verdict["champion"]) == ("a", "b")
+
+
+def test_the_view_cache_keeps_answers_for_its_ttl_only() -> None:
+    calls: list[int] = []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    cache = ViewCache(ttl_s=60)
+    assert [cache.get_or_compute("k", compute) for _ in range(3)] == [1, 1, 1]
+    assert cache.get_or_compute("other", compute) == 2
+    cache.ttl_s = 1e-9  # every answer is now older than the TTL
+    assert cache.get_or_compute("k", compute) == 3
+    off = ViewCache(ttl_s=0)
+    assert [off.get_or_compute("k", compute) for _ in range(2)] == [4, 5]
+    full = ViewCache(ttl_s=60, max_entries=2)
+    for key in ("a", "b", "c"):
+        full.get_or_compute(key, compute)
+    assert full.get_or_compute("a", compute) == 9  # started over when full: "a" was forgotten
 
 
 @pytest.mark.usefixtures("deployed")

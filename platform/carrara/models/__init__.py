@@ -13,6 +13,7 @@ from carrara.models.monitoring import (
     OutcomeStats,
     PendingPrediction,
     VariantMetrics,
+    VariantMetricsHourly,
 )
 from carrara.models.outbox import OutboxMessage
 from carrara.models.registry import ModelAlias, ModelVersion, RegisteredModel
@@ -41,4 +42,5 @@ __all__ = [
     "ScorerInstance",
     "TrainingRun",
     "VariantMetrics",
+    "VariantMetricsHourly",
 ]

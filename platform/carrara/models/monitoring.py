@@ -19,7 +19,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carrara.models.base import Base
@@ -58,6 +58,37 @@ class VariantMetrics(Base):
         JSONB, default=list, server_default=text("'[]'::jsonb")
     )
     # Outcomes joined to this variant's predictions in this bucket (by prediction time).
+    outcomes: Mapped[int] = mapped_column(BigInteger, default=0)
+    correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    log_loss_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    squared_error_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    absolute_error_sum: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class VariantMetricsHourly(Base):
+    """`variant_metrics` summed per hour (the monitor adds each flush's deltas to both), so a
+    week is ~170 rows per variant instead of ~10,000: long windows read whole hours here and the
+    minutes of their ragged edges from `variant_metrics` (carrara.monitoring.rollup)."""
+
+    __tablename__ = "variant_metrics_hourly"
+    __table_args__ = (
+        Index("ix_variant_metrics_hourly_deployment_bucket", "deployment", "bucket_start"),
+    )
+
+    deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    # The hour's newest minute row and its model version (what the minute rows' read reports).
+    newest_minute: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    dead_letters: Mapped[int] = mapped_column(BigInteger, default=0)
+    score_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    # Counts per bin, as in variant_metrics but always every bin (a minute's [] adds zeros).
+    score_histogram: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    latency_histogram: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    end_to_end_histogram: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
     outcomes: Mapped[int] = mapped_column(BigInteger, default=0)
     correct: Mapped[int] = mapped_column(BigInteger, default=0)
     log_loss_sum: Mapped[float] = mapped_column(Float, default=0.0)

@@ -2,7 +2,8 @@
 
 Histograms have fixed bins (models.monitoring) so rows written by any monitor process add up.
 Flushing locks each touched row (`SELECT ... FOR UPDATE`), adds the delta and writes it back, so
-monitors sharing a deployment's partitions never lose each other's counts.
+monitors sharing a deployment's partitions never lose each other's counts. Variant rows' deltas
+are added to their hour too (carrara.monitoring.rollup), after every minute row.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from carrara.models import FeatureDrift, OutcomeStats, VariantMetrics
 from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
+from carrara.monitoring.rollup import HourDeltas
 
 
 def minute(ms: int | float) -> datetime:
@@ -106,7 +108,9 @@ class Deltas:
         return self.drift[key]
 
     def flush(self, session: Session) -> None:
-        """Add every delta to its row (creating rows as needed), in the caller's transaction."""
+        """Add every delta to its row (creating rows as needed), in the caller's transaction;
+        the variant rows' deltas also to their hours (rollup.HourDeltas), last."""
+        hours = HourDeltas()
         for (deployment, variant, bucket), d in sorted(self.variants.items()):
             session.execute(
                 insert(VariantMetrics)
@@ -147,6 +151,7 @@ class Deltas:
             row.log_loss_sum += d.log_loss_sum
             row.squared_error_sum += d.squared_error_sum
             row.absolute_error_sum += d.absolute_error_sum
+            hours.add(row, d)
         for (deployment, bucket), o in sorted(self.outcomes.items()):
             session.execute(
                 insert(OutcomeStats)
@@ -188,6 +193,8 @@ class Deltas:
             drift.missing += f.missing
             drift.model_version_id = f.model_version_id
         session.flush()
+        # After every minute row (locks in one order across monitors: minutes, then hours).
+        hours.flush(session)
 
 
 def as_float(value: Any) -> float | None:

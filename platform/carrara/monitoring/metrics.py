@@ -11,12 +11,10 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
 
 import numpy as np
-from sqlalchemy import BigInteger, func, literal_column, select
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from carrara.deployments import service as deployments
@@ -26,11 +24,13 @@ from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCO
 from carrara.monitoring import statistics
 from carrara.monitoring.queries import (
     BUCKETS,
+    DEFAULT_WINDOW,
     check_bucket_count,
     last_spec,
     utc,
     window,
 )
+from carrara.monitoring.rollup import bucket_sums
 from carrara.monitoring.rules import finite
 
 DEAD_LETTER_VARIANT = "-"
@@ -175,32 +175,24 @@ class MetricsReport:
     outcome_stats: OutcomeCounts
 
 
-# Every histogram bin of variant_metrics summed by index (built once: 50 expressions).
-_HISTOGRAM_BINS = [
-    func.sum(column.op("->>")(index).cast(BigInteger))
-    for column, size in (
-        (VariantMetrics.score_histogram, SCORE_BINS),
-        (VariantMetrics.latency_histogram, len(LATENCY_EDGES_MS) + 1),
-        (VariantMetrics.end_to_end_histogram, len(END_TO_END_EDGES_MS) + 1),
-    )
-    for index in range(size)
-]
-
-
 def metrics(
     session: Session,
     name: str,
     start: datetime | None = None,
     end: datetime | None = None,
     bucket: str = "minute",
+    *,
+    default: timedelta = DEFAULT_WINDOW,
+    use_rollup: bool = True,
 ) -> MetricsReport:
     """Per-variant series of `bucket`-sized buckets in [start, end), with totals and live AUC.
 
-    The window defaults as `queries.window` says (the last hour). Minute rows are re-bucketed by
-    summing in SQL (`date_trunc` in UTC); buckets without rows are left out. Outcome stats are
-    those of outcomes that arrived in the window.
+    The window defaults as `queries.window` says (the last `default`, an hour). Minute rows are
+    re-bucketed by summing in SQL (`date_trunc` in UTC); buckets without rows are left out.
+    Outcome stats are those of outcomes that arrived in the window. `use_rollup=False` sums
+    minute rows only (what the hourly rollup must equal; tests compare the two).
     """
-    start, end = window(start, end)
+    start, end = window(start, end, default)
     if bucket not in BUCKETS:
         raise Invalid(f"bucket must be one of {', '.join(BUCKETS)}, got {bucket!r}")
     check_bucket_count(start, end, bucket)
@@ -208,49 +200,16 @@ def metrics(
     spec = last_spec(session, deployment)
     task = deployments.champion_task(session, spec)
 
-    # The unit is one of BUCKETS (checked above): a literal, so select and GROUP BY agree.
-    truncated = func.date_trunc(
-        literal_column(f"'{bucket}'"), VariantMetrics.bucket_start, literal_column("'UTC'")
-    ).label("b")
-    # One pass over the window's minute rows: the scalar columns and every histogram bin summed
-    # per (variant, bucket) in SQL. Bins are read by index (`->> k`), which costs one aggregate
-    # per bin instead of one row per bin and row (jsonb_array_elements): a week of minute rows is
-    # ~20,000 rows, not ~1,000,000. A row with a shorter histogram (`[]`: no data) adds nothing.
-    # The model version of the newest minute in the bucket.
-    newest_version = func.array_agg(
-        aggregate_order_by(VariantMetrics.model_version, VariantMetrics.bucket_start.desc())
-    )[1]
-    rows = session.execute(
-        select(
-            VariantMetrics.variant,
-            truncated,
-            func.bool_or(VariantMetrics.shadow),
-            newest_version,
-            func.sum(VariantMetrics.predictions),
-            func.sum(VariantMetrics.dead_letters),
-            func.sum(VariantMetrics.score_sum),
-            func.sum(VariantMetrics.outcomes),
-            func.sum(VariantMetrics.correct),
-            func.sum(VariantMetrics.log_loss_sum),
-            func.sum(VariantMetrics.squared_error_sum),
-            func.sum(VariantMetrics.absolute_error_sum),
-            *_HISTOGRAM_BINS,
-        )
-        .where(
-            VariantMetrics.deployment == name,
-            VariantMetrics.bucket_start >= start,
-            VariantMetrics.bucket_start < end,
-        )
-        .group_by(VariantMetrics.variant, truncated)
-        .order_by(VariantMetrics.variant, truncated)
-    ).all()
+    # One pass per (variant, bucket) in SQL: the scalar columns and every histogram bin summed,
+    # bins read by index (`->> k`: one aggregate per bin, not one row per bin and row). Hour and
+    # day buckets read whole hours from the hourly rollup and only the edges' minute rows.
+    rows = bucket_sums(session, name, start, end, bucket, use_rollup=use_rollup)
 
     series: dict[str, list[MetricsPoint]] = defaultdict(list)
     totals: dict[str, Sums] = defaultdict(Sums)
     shadow: dict[str, bool] = {}
     versions: dict[str, int | None] = {}
-    for row in rows:
-        values: tuple[Any, ...] = tuple(row)
+    for values in rows:
         (
             variant,
             bucket_start,
@@ -345,21 +304,23 @@ def _window_aucs(
     session: Session, name: str, start: datetime, end: datetime
 ) -> dict[str, float | None]:
     """Live ROC AUC per variant of the outcomes joined to predictions made in the window."""
+    # Per variant, scores and outcomes as two arrays of one aggregate pass (same rows, same
+    # order): a window's thousands of outcomes arrive as lists, not as thousands of rows.
     rows = session.execute(
-        select(JoinedOutcome.variant, JoinedOutcome.score, JoinedOutcome.outcome)
+        select(
+            JoinedOutcome.variant,
+            func.array_agg(JoinedOutcome.score),
+            func.array_agg(JoinedOutcome.outcome),
+        )
         .where(
             JoinedOutcome.deployment == name,
             JoinedOutcome.predicted_at >= start,
             JoinedOutcome.predicted_at < end,
         )
-        .order_by(JoinedOutcome.variant)
+        .group_by(JoinedOutcome.variant)
     ).all()
-    grouped: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for variant, score, outcome in rows:
-        grouped[variant][0].append(score)
-        grouped[variant][1].append(outcome)
     aucs: dict[str, float | None] = {}
-    for variant, (scores, outcomes) in grouped.items():
+    for variant, scores, outcomes in rows:
         y = np.asarray(outcomes, dtype=np.float64)
         p = np.asarray(scores, dtype=np.float64)
         # AUC needs 0/1 outcomes and finite scores (a multiclass join stores class indices).

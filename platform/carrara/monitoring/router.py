@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query
 
 from carrara.api_types import QueryDateTime
 from carrara.deployments.schemas import NAME_PATTERN
-from carrara.deps import DeploymentName, SessionDep, Viewer
+from carrara.deps import DeploymentName, MonitoringCache, SessionDep, Viewer
 from carrara.monitoring import service
 from carrara.monitoring.schemas import AlertOut, Bucket, DriftOut, MetricsOut, VerdictOut
 from carrara.pagination import Page, PageParams, page_params
@@ -28,18 +28,25 @@ def get_metrics(
     name: DeploymentName,
     session: SessionDep,
     _: Viewer,
+    cache: MonitoringCache,
     start: From = None,
     end: To = None,
     bucket: Annotated[Bucket, Query(description="Bucket size of the series")] = "minute",
 ) -> MetricsOut:
-    """Per-variant time series (events, dead letters, latency, scores, live metrics) and totals."""
-    return MetricsOut.model_validate(service.metrics(session, name, start, end, bucket))
+    """Per-variant time series (events, dead letters, latency, scores, live metrics) and totals.
+
+    Served for up to `CARRARA_MONITORING_CACHE_S` seconds (default 5) per process once computed."""
+    return service.metrics_view(session, name, start, end, bucket, cache)
 
 
 @router.get("/{name}/verdict", response_model=VerdictOut)
-def get_verdict(name: DeploymentName, session: SessionDep, _: Viewer) -> VerdictOut:
-    """Each challenger vs. the champion: always-valid interval, p-value and a plain verdict."""
-    return VerdictOut.model_validate(service.verdict(session, name))
+def get_verdict(
+    name: DeploymentName, session: SessionDep, _: Viewer, cache: MonitoringCache
+) -> VerdictOut:
+    """Each challenger vs. the champion: always-valid interval, p-value and a plain verdict.
+
+    Served for up to `CARRARA_MONITORING_CACHE_S` seconds (default 5) per process once computed."""
+    return service.verdict_view(session, name, cache)
 
 
 @router.get("/{name}/drift", response_model=DriftOut)

@@ -1,7 +1,9 @@
 """The read side of monitoring, as the API and the UI call it: metrics, verdict, drift, alerts.
 
 The monitor process fills the tables (carrara.monitoring.monitor); the functions here only read
-them and derive what the API shows, with the rules of carrara.monitoring.rules. Each area lives
+them and derive what the API shows, with the rules of carrara.monitoring.rules; the API and the
+UI read metrics and verdicts through `*_view`, which remember answers for a few seconds
+(carrara.monitoring.views). Each area lives
 in its own module; this one is the single entry point callers import.
 """
 
@@ -18,6 +20,7 @@ from carrara.monitoring.metrics import (
 )
 from carrara.monitoring.queries import window
 from carrara.monitoring.verdict import Comparison, Verdict, verdict
+from carrara.monitoring.views import ViewCache, metrics_view, verdict_view, verdict_views
 
 __all__ = [
     "Comparison",
@@ -27,10 +30,14 @@ __all__ = [
     "MetricsReport",
     "VariantReport",
     "Verdict",
+    "ViewCache",
     "drift",
     "list_alerts",
     "live_predictions",
     "metrics",
+    "metrics_view",
     "verdict",
+    "verdict_view",
+    "verdict_views",
     "window",
 ]

@@ -14,11 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from carrara.deployments import service as deployments
-from carrara.models import JoinedOutcome
+from carrara.models import DeploymentRevision, JoinedOutcome
 from carrara.monitoring import statistics
 from carrara.monitoring.queries import last_running_revision
 from carrara.monitoring.rules import (
@@ -42,17 +42,23 @@ def joined_values(
     task: str | None,
 ) -> np.ndarray:
     """The per-row `metric` of `variant`'s joined outcomes of predictions made since `since`."""
-    rows = session.execute(
-        select(JoinedOutcome.score, JoinedOutcome.outcome, JoinedOutcome.correct).where(
+    # Three arrays of one aggregate pass (same rows, same order): thousands of rows arrive as
+    # three lists instead of thousands of result rows.
+    score_list, outcome_list, correct_list = session.execute(
+        select(
+            func.array_agg(JoinedOutcome.score),
+            func.array_agg(JoinedOutcome.outcome),
+            func.array_agg(JoinedOutcome.correct),
+        ).where(
             JoinedOutcome.deployment == name,
             JoinedOutcome.variant == variant,
             JoinedOutcome.model_version == version,
             JoinedOutcome.predicted_at >= since,
         )
-    ).all()
-    scores = np.asarray([r[0] for r in rows], dtype=np.float64)
-    outcomes = np.asarray([r[1] for r in rows], dtype=np.float64)
-    correct = np.asarray([1.0 if r[2] else 0.0 for r in rows], dtype=np.float64)
+    ).one()
+    scores = np.asarray(score_list or [], dtype=np.float64)
+    outcomes = np.asarray(outcome_list or [], dtype=np.float64)
+    correct = np.asarray([1.0 if c else 0.0 for c in correct_list or []], dtype=np.float64)
     return per_row_values(metric, task, scores, outcomes, correct)
 
 
@@ -165,7 +171,11 @@ def verdict(session: Session, name: str) -> Verdict:
     reported as "not enough outcomes yet".
     """
     deployment, _ = deployments.get_deployment(session, name)
-    revision = last_running_revision(session, deployment)
+    return verdict_of(session, name, last_running_revision(session, deployment))
+
+
+def verdict_of(session: Session, name: str, revision: DeploymentRevision) -> Verdict:
+    """`verdict` of deployment `name` whose last running revision is `revision`."""
     spec = dict(revision.spec or {})
     found = revision_evidence(session, name, spec, revision.created_at)
     return Verdict(

@@ -10,10 +10,10 @@ from typing import Annotated
 from fastapi import Query, Request, Response
 
 from carrara.deployments import service as deployments
-from carrara.deps import DeploymentName, SettingsDep
+from carrara.deps import DeploymentName, MonitoringCache, SettingsDep
 from carrara.errors import DomainError
 from carrara.monitoring import service as monitoring
-from carrara.monitoring.schemas import AlertOut, DriftOut, MetricsOut, VerdictOut
+from carrara.monitoring.schemas import AlertOut, DriftOut
 from carrara.ui import charts
 from carrara.ui.forms import text
 from carrara.ui.pages import list_page, page_router, redirect, rolled_back
@@ -149,12 +149,15 @@ def live_metrics(
     request: Request,
     session: PageSession,
     user: PageViewer,
+    monitoring_cache: MonitoringCache,
     window: Window = charts.DEFAULT_WINDOW,
 ) -> Response:
     """Per-variant totals and chart series of the window (polled by the live panel)."""
-    start, end, bucket = _window(window)
-    start, end = monitoring.window(start, end)
-    metrics = MetricsOut.model_validate(monitoring.metrics(session, name, start, end, bucket))
+    _, seconds, bucket = charts.WINDOWS[window]
+    metrics = monitoring.metrics_view(
+        session, name, None, None, bucket, monitoring_cache, default=timedelta(seconds=seconds)
+    )
+    end = metrics.end
     _, current = deployments.get_deployment(session, name)
     champion = deployments.champion_of(current.spec) if current.spec else None
     context = {
@@ -169,10 +172,14 @@ def live_metrics(
 
 @router.get("/deployments/{name}/verdict")
 def verdict(
-    name: DeploymentName, request: Request, session: PageSession, user: PageViewer
+    name: DeploymentName,
+    request: Request,
+    session: PageSession,
+    user: PageViewer,
+    monitoring_cache: MonitoringCache,
 ) -> Response:
     """The A/B verdict of every challenger against the champion (polled)."""
-    result = VerdictOut.model_validate(monitoring.verdict(session, name))
+    result = monitoring.verdict_view(session, name, monitoring_cache)
     return render(request, "partials/deployment_verdict.html", {"verdict": result})
 
 

@@ -10,9 +10,11 @@ from sqlalchemy.orm import Session
 
 from carrara.deployments import service as deployments
 from carrara.deployments.schemas import DeploymentOut
+from carrara.deps import MonitoringCache
 from carrara.errors import DomainError
 from carrara.monitoring import service as monitoring
-from carrara.monitoring.schemas import AlertOut, VerdictOut
+from carrara.monitoring.schemas import AlertOut
+from carrara.monitoring.service import ViewCache
 from carrara.training import service as training
 from carrara.training.schemas import RunOut
 from carrara.ui.pages import list_page, page_router
@@ -35,28 +37,29 @@ class LiveDeployment:
     problem: str = ""
 
 
-def live_deployments(session: Session) -> list[LiveDeployment]:
-    """Running deployments with their recent throughput and A/B verdict."""
+def live_deployments(session: Session, cache: ViewCache | None) -> list[LiveDeployment]:
+    """Running deployments with their recent throughput and A/B verdict (from `cache` when
+    computed in the last few seconds)."""
     page = deployments.deployment_page(session, list_page(None, LIVE_DEPLOYMENTS), "running")
     end = datetime.now(UTC)
     # One query for every line's throughput (not each deployment's whole metrics report).
     scored = monitoring.live_predictions(
         session, [d.name for d in page.items], end - THROUGHPUT_WINDOW, end
     )
+    verdicts = monitoring.verdict_views(session, [d.name for d in page.items], cache)
     lines = []
     for deployment in page.items:
         line = LiveDeployment(deployment, None, "", significant=False)
-        try:
-            minutes = THROUGHPUT_WINDOW.seconds / 60
-            line.per_minute = scored.get(deployment.name, 0) / minutes
-            verdict = VerdictOut.model_validate(monitoring.verdict(session, deployment.name))
-            if verdict.comparisons:
-                line.verdict = "; ".join(c.verdict for c in verdict.comparisons)
-                line.significant = any(c.significant for c in verdict.comparisons)
-            else:
-                line.verdict = "one live variant: nothing to compare"
-        except DomainError as exc:
-            line.problem = exc.detail
+        minutes = THROUGHPUT_WINDOW.seconds / 60
+        line.per_minute = scored.get(deployment.name, 0) / minutes
+        verdict = verdicts[deployment.name]
+        if isinstance(verdict, DomainError):
+            line.problem = verdict.detail
+        elif verdict.comparisons:
+            line.verdict = "; ".join(c.verdict for c in verdict.comparisons)
+            line.significant = any(c.significant for c in verdict.comparisons)
+        else:
+            line.verdict = "one live variant: nothing to compare"
         lines.append(line)
     return lines
 
@@ -73,12 +76,14 @@ def recent_alerts(session: Session, limit: int = 8) -> list[AlertOut]:
 
 
 @router.get("/")
-def overview(request: Request, session: PageSession, user: PageViewer) -> Response:
+def overview(
+    request: Request, session: PageSession, user: PageViewer, monitoring_cache: MonitoringCache
+) -> Response:
     """Live deployments, recent runs and alerts."""
     runs, _ = training.list_runs(session, list_page(None, 8))
     context = {
         "nav": "overview",
-        "deployments": live_deployments(session),
+        "deployments": live_deployments(session, monitoring_cache),
         "stopped": stopped_deployments(session),
         "runs": [RunOut.from_run(r) for r in runs],
         "alerts": recent_alerts(session),
@@ -87,7 +92,12 @@ def overview(request: Request, session: PageSession, user: PageViewer) -> Respon
 
 
 @router.get("/overview/live")
-def overview_live(request: Request, session: PageSession, user: PageViewer) -> Response:
+def overview_live(
+    request: Request, session: PageSession, user: PageViewer, monitoring_cache: MonitoringCache
+) -> Response:
     """The live deployments table (polled by the overview page)."""
-    context = {"deployments": live_deployments(session), "stopped": stopped_deployments(session)}
+    context = {
+        "deployments": live_deployments(session, monitoring_cache),
+        "stopped": stopped_deployments(session),
+    }
     return render(request, "partials/overview_deployments.html", context)

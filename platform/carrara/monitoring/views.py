@@ -1,0 +1,140 @@
+"""What the API and the UI show of monitoring, remembered for a few seconds per process.
+
+A deployment's metrics and verdict are read by every dashboard that shows it (each polls every
+5-30 s), by the overview (one verdict per running deployment) and by scripts: the same answer
+computed again and again. `ViewCache` keeps each answer for `ttl_s` seconds
+(`CARRARA_MONITORING_CACHE_S`, default 5; 0 turns it off), so:
+
+- an answer is at most `ttl_s` seconds older than the monitor's last write (the monitor commits
+  its aggregates every few seconds anyway);
+- a new revision (a PUT, a rollback, a stop) is seen at once: the key holds the revision the
+  answer was computed for, looked up on every request (one indexed query);
+- a window given without `to` ("the last hour") ends when the answer was computed.
+
+Keys are (view, deployment, revision, the parameters as given). At most `max_entries` answers are
+kept; the cache starts over when full. Errors (unknown deployment, invalid window) are not kept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy.orm import Session
+
+from carrara.deployments import service as deployments
+from carrara.errors import DomainError, NotFound
+from carrara.models import Deployment, DeploymentRevision
+from carrara.monitoring.metrics import metrics
+from carrara.monitoring.queries import DEFAULT_WINDOW, last_running_revision
+from carrara.monitoring.schemas import MetricsOut, VerdictOut
+from carrara.monitoring.verdict import verdict_of
+
+T = TypeVar("T")
+
+
+class ViewCache:
+    """Answers by key for `ttl_s` seconds (thread-safe: endpoints run in a thread pool)."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 2_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[Hashable, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """The answer remembered for `key` if younger than `ttl_s`, else `compute()` (kept)."""
+        if self.ttl_s <= 0:
+            return compute()
+        entry = self._entries.get(key)
+        now = time.monotonic()
+        if entry is not None and now - entry[0] < self.ttl_s:
+            return entry[1]  # type: ignore[return-value]  # stored by this key's compute
+        value = compute()
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[key] = (now, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _cached(cache: ViewCache | None, key: Hashable, compute: Callable[[], T]) -> T:
+    return compute() if cache is None else cache.get_or_compute(key, compute)
+
+
+def metrics_view(
+    session: Session,
+    name: str,
+    start: datetime | None,
+    end: datetime | None,
+    bucket: str,
+    cache: ViewCache | None = None,
+    *,
+    default: timedelta = DEFAULT_WINDOW,
+) -> MetricsOut:
+    """`metrics` as the API shows it, from `cache` when it was computed for this revision less
+    than its TTL ago. Without `start`, the window is the last `default` up to `end` (or now)."""
+    deployment, _ = deployments.get_deployment(session, name)
+    revision = last_running_revision(session, deployment)
+    key = ("metrics", name, revision.id, start, end, bucket, default)
+    return _cached(
+        cache,
+        key,
+        lambda: MetricsOut.model_validate(
+            metrics(session, name, start, end, bucket, default=default)
+        ),
+    )
+
+
+def verdict_view(session: Session, name: str, cache: ViewCache | None = None) -> VerdictOut:
+    """`verdict` as the API shows it, from `cache` as `metrics_view` says."""
+    deployment, _ = deployments.get_deployment(session, name)
+    revision = last_running_revision(session, deployment)
+    return _verdict(session, name, revision, cache)
+
+
+def _verdict(
+    session: Session, name: str, revision: DeploymentRevision, cache: ViewCache | None
+) -> VerdictOut:
+    return _cached(
+        cache,
+        ("verdict", name, revision.id),
+        lambda: VerdictOut.model_validate(verdict_of(session, name, revision)),
+    )
+
+
+def verdict_views(
+    session: Session, names: Sequence[str], cache: ViewCache | None = None
+) -> dict[str, VerdictOut | DomainError]:
+    """The verdict of each of `names` (an overview's lines): their revisions in one query, then
+    each verdict from `cache` or computed; a deployment's error is its entry."""
+    latest = (
+        select(DeploymentRevision, Deployment.name)
+        .join(Deployment, Deployment.id == DeploymentRevision.deployment_id)
+        .where(
+            Deployment.name.in_(names),
+            func.jsonb_typeof(DeploymentRevision.spec) == "object",
+        )
+        .order_by(Deployment.name, DeploymentRevision.number.desc())
+        .ext(distinct_on(Deployment.name))
+    )
+    revisions = {str(n): r for r, n in session.execute(latest)} if names else {}
+    found: dict[str, VerdictOut | DomainError] = {}
+    for name in names:
+        revision = revisions.get(name)
+        try:
+            if revision is None:
+                raise NotFound(f"deployment '{name}' not found")
+            found[name] = _verdict(session, name, revision, cache)
+        except DomainError as exc:
+            found[name] = exc
+    return found
