@@ -1,6 +1,7 @@
 """Counting the monitor's records that need no join: predictions (count, score, in-process and
 end-to-end latency histograms, and the pending row awaiting an outcome), dead letters, and input
-values binned by the champion's training profile for drift."""
+values binned by the champion's training profile for drift (JSON objects read by feature name;
+Avro, Protobuf and JSON Schema records decoded a batch at a time with the scorers' decoder)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,23 @@ from carrara.monitoring.aggregates import (
 )
 from carrara.monitoring.statistics import bin_counts
 from carrara.monitoring.watched import Watched
+from carrara.streams.event_codec import NUMERIC_TYPES, EventDecoder
 from carrara.streams.prediction_record import H_DEPLOYMENT, decode_prediction
+from carrara.streams.schema_registry import Registry
 
 # Input values of one batch: (deployment, feature, minute) -> the values read.
 Inputs = defaultdict[tuple[str, str, datetime], list[Any]]
 
 
+# Registry-framed input records of one batch, per deployment (see `decode_framed`).
+Framed = defaultdict[str, list[Message]]
+
+
 def new_inputs() -> Inputs:
+    return defaultdict(list)
+
+
+def new_framed() -> Framed:
     return defaultdict(list)
 
 
@@ -90,19 +101,59 @@ def count_dead_letter(message: Message, name: str, deltas: Deltas) -> None:
 
 
 def collect_input(
-    message: Message, names: set[str], watched: dict[str, Watched], inputs: Inputs
+    message: Message,
+    names: set[str],
+    watched: dict[str, Watched],
+    inputs: Inputs,
+    framed: Framed,
 ) -> None:
-    """Keep the profiled features' values of an input event, per deployment and minute."""
-    try:
-        event = orjson.loads(message.value() or b"")
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(event, dict):
-        return
-    bucket = minute(message.timestamp()[1])
+    """Keep the profiled features' values of an input event, per deployment and minute.
+
+    A deployment whose inputs are registry-framed keeps the record in `framed`, decoded with the
+    batch's others by `decode_framed`.
+    """
+    event: Any = None
     for name in names:
+        if watched[name].input_schema is not None:
+            framed[name].append(message)
+            continue
+        if event is None:
+            try:
+                event = orjson.loads(message.value() or b"")
+            except orjson.JSONDecodeError:
+                event = False
+        if not isinstance(event, dict):
+            continue
+        bucket = minute(message.timestamp()[1])
         for feature in watched[name].profiles:
             inputs[(name, feature, bucket)].append(event.get(feature))
+
+
+def decode_framed(
+    framed: Framed, watched: dict[str, Watched], registry: Registry, inputs: Inputs
+) -> None:
+    """The profiled features of registry-framed inputs (Avro, Protobuf, JSON Schema), each
+    deployment's records decoded together as its scorers decode them (each with its writer
+    schema). Records that cannot be read are not counted (the scorer dead-letters them); a
+    registry that does not answer raises `RegistryUnavailable` (the batch is read again)."""
+    for name, messages in framed.items():
+        w = watched[name]
+        assert w.input_schema is not None
+        decoder = EventDecoder(w.input_schema, training=False, registry=registry)
+        n = len(messages)
+        decoder.add_batch([m.value() for m in messages], [0] * n, range(n))
+        decoded = decoder.result()
+        numeric = [f.name for f in decoded.schema.features if f.type in NUMERIC_TYPES]
+        buckets = [minute(messages[i].timestamp()[1]) for i in decoded.offsets.tolist()]
+        for feature in w.profiles:
+            if feature in numeric:
+                values: list[Any] = decoded.numeric[:, numeric.index(feature)].tolist()
+            elif feature in decoded.categories:
+                values = decoded.categories[feature]
+            else:
+                continue
+            for bucket, value in zip(buckets, values, strict=True):
+                inputs[(name, feature, bucket)].append(value)
 
 
 def count_inputs(inputs: Inputs, watched: dict[str, Watched], deltas: Deltas) -> None:

@@ -43,6 +43,7 @@ from carrara.settings import Settings
 from carrara.streams.client_config import connection_config
 from carrara.streams.consumed import first_offsets, position
 from carrara.streams.resilience import Backoff, CallGuard, ClientHung, LoopHealth, caught_up
+from carrara.streams.schema_registry import Registry
 
 log = structlog.get_logger(__name__)
 GROUP_ID = "carrara-monitor"
@@ -80,7 +81,15 @@ class Monitor:
         )
         self._last_refresh = 0.0
         self._last_housekeeping = time.monotonic()
+        self._registry: Registry | None = None
         self._last_idle_check = 0.0
+
+    @property
+    def registry(self) -> Registry:
+        """The Schema Registry client (registry-framed inputs), made on first use."""
+        if self._registry is None:
+            self._registry = Registry.from_settings(self.settings)
+        return self._registry
 
     # --- topology -------------------------------------------------------------------------------
 
@@ -182,6 +191,7 @@ class Monitor:
                 return
             deltas = Deltas()
             inputs = counting.new_inputs()
+            framed = counting.new_framed()
             pending: list[dict[str, Any]] = []
             outcomes: list[tuple[Message, set[str]]] = []
             for message in messages:
@@ -193,9 +203,11 @@ class Monitor:
                 for name in roles.dead_letters:
                     counting.count_dead_letter(message, name, deltas)
                 if roles.inputs:
-                    counting.collect_input(message, roles.inputs, self.watched, inputs)
+                    counting.collect_input(message, roles.inputs, self.watched, inputs, framed)
                 if roles.outcomes:
                     outcomes.append((message, roles.outcomes))
+            if framed:
+                counting.decode_framed(framed, self.watched, self.registry, inputs)
             counting.count_inputs(inputs, self.watched, deltas)
             if pending:
                 session.execute(insert(PendingPrediction).values(pending).on_conflict_do_nothing())

@@ -7,13 +7,26 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carrara.deployments.schemas import MonitoringConfig
 from carrara.deployments.service import champion_of
-from carrara.models import Deployment, DeploymentRevision, ModelVersion, RegisteredModel
+from carrara.models import (
+    Dataset,
+    DatasetVersion,
+    Deployment,
+    DeploymentRevision,
+    ModelVersion,
+    RegisteredModel,
+    TrainingRun,
+)
 from carrara.monitoring.rules import monitoring_config
+from carrara.streams.event_codec import FeatureError, as_event_schema
+from carrara.streams.event_schema import REGISTRY_FORMATS, EventFormat
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -35,6 +48,10 @@ class Watched:
     profile_version_id: int | None = None
     # The monitoring config with `MonitoringConfig`'s defaults for what the spec leaves out.
     config: MonitoringConfig = field(default_factory=MonitoringConfig)
+    # The dataset schema of the champion's training run when its events are registry-framed
+    # (Avro, Protobuf, JSON Schema): inputs are then decoded as the scorer decodes them. None:
+    # JSON objects, whose features are read by name.
+    input_schema: dict[str, Any] | None = None
 
     @property
     def dead_letter_topic(self) -> str:
@@ -100,5 +117,37 @@ def load_watched(session: Session) -> dict[str, Watched]:
                 item.label_classes = profile.get("label_classes")
                 item.profiles = profile.get("features") or {}
                 item.profile_version_id = version.id
+                item.input_schema = _registry_schema(session, version.run_id)
         watched[deployment.name] = item
     return watched
+
+
+def _registry_schema(session: Session, run_id: int | None) -> dict[str, Any] | None:
+    """The schema of the dataset a run trained on, if its events are registry-framed."""
+    if run_id is None:
+        return None
+    dataset = session.scalar(
+        select(Dataset)
+        .join(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
+        .join(TrainingRun, TrainingRun.dataset_version_id == DatasetVersion.id)
+        .where(TrainingRun.id == run_id)
+    )
+    if dataset is None or EventFormat(dataset.format) not in REGISTRY_FORMATS:
+        return None
+    schema = {
+        "key_field": dataset.key_field,
+        "event_time_field": dataset.event_time_field,
+        "label_field": dataset.label_field,
+        "task": dataset.task,
+        "features": dataset.features,
+        "format": dataset.format,
+        "subject": dataset.subject,
+    }
+    try:
+        as_event_schema(schema)
+    except FeatureError as exc:  # not decodable: its inputs are not profiled
+        log.warning(
+            "inputs not profiled: the dataset schema is unreadable", run=run_id, error=str(exc)
+        )
+        return None
+    return schema
