@@ -160,6 +160,11 @@ class DeploymentPut(BaseModel):
         description="`avro`: predictions in Avro, framed with the id of the prediction schema "
         "registered under `<output_topic>-value` in the Schema Registry",
     )
+    include_features: bool = Field(
+        default=False,
+        description="Write each prediction's model input vector (raw columns and the feature "
+        "set's `sql.<name>` columns) in its record, as `features`",
+    )
     variants: list[VariantIn] = Field(min_length=1, max_length=MAX_VARIANTS)
     description: str = Field(default="", max_length=2000)
     monitoring: MonitoringConfig | None = Field(
@@ -213,6 +218,7 @@ class DeploymentSpecOut(BaseModel):
     key_field: str
     pool: str
     output_format: Literal["json", "avro"] = "json"
+    include_features: bool = False
     description: str
     variants: list[VariantOut]
     # Left out when absent, so a spec without them reads as it did before they existed.

@@ -91,6 +91,8 @@ def normalize(session: Session, body: DeploymentPut) -> dict[str, Any]:
     }
     if body.output_format != "json":  # only when set: JSON specs keep their hash
         spec["output_format"] = body.output_format
+    if body.include_features:  # likewise
+        spec["include_features"] = True
     if body.monitoring is not None:
         spec["monitoring"] = body.monitoring.model_dump(mode="json")
     if body.policy is not None:
@@ -276,6 +278,7 @@ def wire_spec(
         key_field=spec["key_field"],
         pool=spec["pool"],
         output_format=spec.get("output_format", "json"),
+        include_features=bool(spec.get("include_features", False)),
         variants=tuple(
             VariantSpec(
                 name=v["name"],

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from carrara.features.plan import Aggregate, FeaturePlan, LatePolicy
 
@@ -224,6 +225,35 @@ class FeatureOperator:
         return sum(len(s.to_bytes()) for s in self.keys.values())
 
 
+def process_rows(
+    operator_of: Callable[[int], FeatureOperator],
+    plan: FeaturePlan,
+    partitions: Sequence[int] | Any,
+    keys: Sequence[Any],
+    times: Sequence[float] | Any,
+    fields_of: Callable[[int], Mapping[str, Any]],
+) -> tuple[np.ndarray, int]:
+    """Rows of events in log order through their partitions' operators: (features, late count).
+
+    The one loop training replay and scorers share. `fields_of(i)` is row i's fields
+    (`plan.decoded_fields`); a keyless event (key None) is computed against an empty history and
+    joins no state: without a key it belongs to no entity.
+    """
+    n = len(keys)
+    out = np.full((n, len(plan.outputs)), np.nan)
+    late = 0
+    for i in range(n):
+        key = keys[i]
+        time_ms = round(float(times[i]))
+        if key is None:
+            result = FeatureOperator(plan).process(None, time_ms, fields_of(i))
+        else:
+            result = operator_of(int(partitions[i])).process(key, time_ms, fields_of(i))
+        out[i] = result.values
+        late += result.late
+    return out, late
+
+
 class PartitionedOperator:
     """One `FeatureOperator` per partition (training replay reads every partition at once)."""
 
@@ -231,13 +261,16 @@ class PartitionedOperator:
         self.plan = plan
         self.partitions: dict[int, FeatureOperator] = {}
 
-    def process(
-        self, partition: int, key: Any, time_ms: int, event: Mapping[str, Any]
-    ) -> ProcessedEvent:
+    def of(self, partition: int) -> FeatureOperator:
         op = self.partitions.get(partition)
         if op is None:
             op = self.partitions[partition] = FeatureOperator(self.plan)
-        return op.process(key, time_ms, event)
+        return op
+
+    def process(
+        self, partition: int, key: Any, time_ms: int, event: Mapping[str, Any]
+    ) -> ProcessedEvent:
+        return self.of(partition).process(key, time_ms, event)
 
 
 # Epoch numbers below this are seconds (as the training decoder reads event times).

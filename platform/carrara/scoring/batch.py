@@ -31,6 +31,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from confluent_kafka import Message
 
+from carrara.features.plan import FeaturePlan, decoded_fields
+from carrara.scoring.feature_state import FeatureStore, feature_plan
 from carrara.scoring.splitter import Splitter, routing_key
 from carrara.streams.consumed import Headers, headers
 from carrara.streams.deployment_spec import DeploymentSpec, VariantSpec
@@ -75,6 +77,7 @@ class OutputRecord(NamedTuple):
     key: bytes | None
     value: bytes | None
     headers: Headers
+    partition: int = -1  # -1: the producer's partitioner; set for a feature-set changelog
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,13 @@ class VariantRuntime:
     spec: VariantSpec
     model: ScoringModel
     feature_spec: FeatureSpec
+    # The feature set the model was trained with (computed before the model; None: raw fields).
+    plan: FeaturePlan | None = None
+
+    @property
+    def decoding(self) -> tuple[Any, bool]:
+        """What its events are decoded with: the schema, and whether the event time is read."""
+        return (self.feature_spec.schema, self.plan is not None)
 
 
 @dataclass(frozen=True)
@@ -171,7 +181,9 @@ def build_state(
     for variant in deployment.variants:
         spec = feature_specs[variant.name]
         spec = replace(spec, schema=replace(spec.schema, key_field=deployment.key_field))
-        runtimes[variant.name] = VariantRuntime(variant, models[variant.name], spec)
+        runtimes[variant.name] = VariantRuntime(
+            variant, models[variant.name], spec, feature_plan(spec)
+        )
     splitter = Splitter(deployment.salt, deployment.variants)
     return ServingState(
         deployment=deployment,
@@ -253,21 +265,48 @@ class _Decoded:
     row_of: np.ndarray  # batch index -> row
     index_of: np.ndarray  # row -> batch index
     bad: dict[int, str]  # batch index -> reason
-    matrix: np.ndarray | None = None
+    raw: np.ndarray | None = None  # the spec's columns
+    derived: dict[str, np.ndarray] = field(default_factory=dict)  # feature-set digest -> columns
+    matrices: dict[str | None, np.ndarray] = field(default_factory=dict)
 
-    def features(self, spec: FeatureSpec) -> np.ndarray:
-        if self.matrix is None:
-            self.matrix = spec.transform(self.events)
-        return self.matrix
+    def features(self, spec: FeatureSpec, plan: FeaturePlan | None) -> np.ndarray:
+        """The model's input rows: the spec's columns, then the feature set's (if any)."""
+        digest = None if plan is None else plan.digest
+        matrix = self.matrices.get(digest)
+        if matrix is None:
+            if self.raw is None:
+                self.raw = spec.transform(self.events)
+            matrix = self.raw if plan is None else np.hstack([self.raw, self.derived[plan.digest]])
+            self.matrices[digest] = matrix
+        return matrix
+
+    def derive(self, plan: FeaturePlan, store: FeatureStore, batch: InputBatch) -> None:
+        """Compute the feature set over every decoded row, in log order (the state moves on)."""
+        if plan.digest in self.derived:
+            return
+        events = self.events
+        partitions = batch.partitions
+        self.derived[plan.digest] = store.derive(
+            plan,
+            [partitions[i] for i in self.index_of.tolist()],
+            events.keys,
+            events.event_times if events.event_times is not None else np.zeros(events.rows),
+            decoded_fields(events),
+        )
 
 
 def score_batch(
     state: ServingState,
     batch: InputBatch | Sequence[InputEvent],
     *,
+    features: FeatureStore | None = None,
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> BatchResult:
-    """Score `batch` with `state`; returns predictions and dead letters to produce."""
+    """Score `batch` with `state`; returns predictions, dead letters and state changes to produce.
+
+    `features` holds the loop's feature-set state; it is needed when a variant's model was
+    trained with a feature set, whose changelog records are then part of the result.
+    """
     started = time.perf_counter()
     if not isinstance(batch, InputBatch):
         batch = InputBatch.of_events(batch)
@@ -313,11 +352,16 @@ def score_batch(
     # Decode once per distinct schema (variants normally share one); positions are batch indexes.
     decoded: dict[Any, _Decoded] = {}
     for runtime in (*state.live, *state.shadows):
-        schema = runtime.feature_spec.schema
-        if schema not in decoded:
-            decoded[schema] = _decode(schema, values, candidates, n)
+        decoding = runtime.decoding
+        if decoding not in decoded:
+            decoded[decoding] = _decode(*decoding, values, candidates, n)
+        if runtime.plan is not None:
+            # Every decodable event joins the state, whichever variant it is routed to.
+            if features is None:
+                raise ValueError("a model trained with a feature set needs the feature state")
+            decoded[decoding].derive(runtime.plan, features, batch)
 
-    routing = decoded[state.live[0].feature_spec.schema]
+    routing = decoded[state.live[0].decoding]
     for i, reason in routing.bad.items():
         dead_letter(i, _error_class(reason), reason)
     keys = routing.events.keys
@@ -376,13 +420,18 @@ def score_batch(
                 dead_letter,
                 shadow=True,
             )
+    if features is not None:
+        result.records.extend(
+            OutputRecord(topic, key, value, [], partition)
+            for topic, partition, key, value in features.changelog()
+        )
     return result
 
 
 def _decode(
-    schema: Any, values: list[bytes | None], candidates: list[int] | None, n: int
+    schema: Any, with_time: bool, values: list[bytes | None], candidates: list[int] | None, n: int
 ) -> _Decoded:
-    decoder = EventDecoder(schema, training=False, max_bad_samples=n)
+    decoder = EventDecoder(schema, training=False, event_time=with_time, max_bad_samples=n)
     if candidates is None:
         decoder.add_batch(values, [0] * n, range(n))
     else:
@@ -420,7 +469,7 @@ def _score_variant(
     shadow: bool,
 ) -> None:
     """Score the routing rows `routed` with one variant and append its records."""
-    own = decoded[runtime.feature_spec.schema]
+    own = decoded[runtime.decoding]
     indexes = routing.index_of[routed]  # batch indexes
     if own is routing:
         own_rows = routed
@@ -435,9 +484,8 @@ def _score_variant(
             own_rows, indexes, routed = own_rows[usable], indexes[usable], routed[usable]
         if not len(own_rows):
             return
-    scores, ok, failed = _scores_with_bisection(
-        runtime.model, own.features(runtime.feature_spec), own_rows
-    )
+    matrix = own.features(runtime.feature_spec, runtime.plan)
+    scores, ok, failed = _scores_with_bisection(runtime.model, matrix, own_rows)
     if failed:
         if shadow:
             result.shadow_errors += len(failed)
@@ -445,7 +493,7 @@ def _score_variant(
             for row, message in failed.items():
                 dead_letter(int(own.index_of[row]), MODEL_ERROR, message)
     if not ok.all():
-        scores, indexes, routed = scores[ok], indexes[ok], routed[ok]
+        scores, indexes, routed, own_rows = scores[ok], indexes[ok], routed[ok], own_rows[ok]
     if not len(indexes):
         return
     labels = runtime.model.labels(scores)
@@ -480,8 +528,13 @@ def _score_variant(
         batch.offsets,
         batch.keys,
     )
-    for row, i, score, label in zip(
-        routed.tolist(), index_list, scores.tolist(), labels, strict=True
+    vectors = (
+        _feature_vectors(runtime.feature_spec.model_columns, matrix[own_rows])
+        if deployment.include_features
+        else [None] * len(index_list)
+    )
+    for row, i, score, label, vector in zip(
+        routed.tolist(), index_list, scores.tolist(), labels, vectors, strict=True
     ):
         key = keys[row]
         partition, offset = partitions[i], offsets[i]
@@ -501,6 +554,7 @@ def _score_variant(
             latency_ms=latency_ms,
             scored_at_ms=scored_at,
             input_ms=batch.timestamps[i],
+            features=vector,
         )
         kafka_key = kafka_keys[i]
         append(
@@ -511,3 +565,11 @@ def _score_variant(
                 [*constant, (H_SOURCE, b"%s/%d/%d" % (topic_bytes, partition, offset))],
             )
         )
+
+
+def _feature_vectors(columns: list[str], rows: np.ndarray) -> list[dict[str, float | None]]:
+    """Each row as {column: value} (NaN, a missing value, as None): `include_features`."""
+    return [
+        {c: (None if v != v else v) for c, v in zip(columns, row, strict=True)}
+        for row in rows.tolist()
+    ]

@@ -245,9 +245,11 @@ class Delivery:
         """Queue every record; a local queue that stays full past the deadline fails the batch."""
         producer = self.producer
         produce = producer.produce
-        for topic, key, value, headers in records:
+        for topic, key, value, headers, partition in records:
             try:
-                produce(topic, value, key, headers=headers, on_delivery=callback)
+                produce(
+                    topic, value, key, partition=partition, headers=headers, on_delivery=callback
+                )
             except BufferError:  # the local queue is full: let it drain, then retry
                 deadline = time.monotonic() + self.call_timeout_s
                 while True:
@@ -255,7 +257,14 @@ class Delivery:
                         raise _QueueFull("the producer queue stayed full") from None
                     producer.poll(0.05)
                     try:
-                        produce(topic, value, key, headers=headers, on_delivery=callback)
+                        produce(
+                            topic,
+                            value,
+                            key,
+                            partition=partition,
+                            headers=headers,
+                            on_delivery=callback,
+                        )
                         break
                     except BufferError:
                         continue

@@ -54,6 +54,28 @@ LAST_BATCH_AGE = Gauge(
     ["deployment"],
 )
 
+FEATURE_STATE_KEYS = Gauge(
+    "carrara_scorer_feature_state_keys",
+    "Entity keys held in a feature set's state, per input partition",
+    ["deployment", "feature_set", "partition"],
+)
+FEATURE_STATE_BYTES = Gauge(
+    "carrara_scorer_feature_state_bytes",
+    "Serialised size of a feature set's state (what the changelog holds), per input partition",
+    ["deployment", "feature_set", "partition"],
+)
+FEATURE_RESTORE_SECONDS = Histogram(
+    "carrara_scorer_feature_restore_seconds",
+    "Time to restore a partition's feature state from its changelog",
+    ["deployment", "feature_set"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+FEATURE_CHANGELOG_RECORDS = Counter(
+    "carrara_scorer_feature_changelog_records_total",
+    "State changes written to feature-set changelogs (tombstones included)",
+    ["deployment", "feature_set"],
+)
+
 
 class EndToEndLatency(Collector):
     """Per-variant histogram of "input record timestamp -> prediction committed", in seconds.
@@ -121,6 +143,10 @@ _PER_DEPLOYMENT = (
     CONSUMER_LAG,
     REVISION,
     LAST_BATCH_AGE,
+    FEATURE_STATE_KEYS,
+    FEATURE_STATE_BYTES,
+    FEATURE_RESTORE_SECONDS,
+    FEATURE_CHANGELOG_RECORDS,
 )
 
 

@@ -331,9 +331,9 @@ def _check_feature_spec(key: str, card: ModelCard) -> None:
         spec = FeatureSpec.from_dict(card.feature_spec or {})
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{key}: the model card's feature spec is not valid: {exc}") from exc
-    if spec.columns != card.feature_names:
+    if spec.model_columns != card.feature_names:
         raise ModelLoadError(
-            f"{key}: the feature spec's columns {spec.columns} differ from the card's "
+            f"{key}: the feature spec's columns {spec.model_columns} differ from the card's "
             f"feature_names {card.feature_names}"
         )
 

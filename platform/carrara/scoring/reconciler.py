@@ -23,7 +23,8 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from carrara.scoring import metrics
-from carrara.scoring.batch import build_state
+from carrara.scoring.batch import ServingState, build_state
+from carrara.scoring.feature_state import changelog_topic
 from carrara.scoring.runner import DeploymentRunner, dead_letter_topic
 from carrara.secret_keys import deployment_signing_keys
 from carrara.settings import Settings
@@ -283,7 +284,7 @@ class Reconciler:
         self._retain_models()
         log.info("revision applied", deployment=spec.name, revision=spec.revision)
 
-    def _build(self, spec: DeploymentSpec) -> Any:
+    def _build(self, spec: DeploymentSpec) -> ServingState:
         models: dict[str, Any] = {}
         specs: dict[str, FeatureSpec] = {}
         for variant in spec.variants:
@@ -305,13 +306,30 @@ class Reconciler:
                 variant.model_name, str(variant.model_version), model.runtime
             ).set(model.load_seconds)
         assert spec.input_topic is not None
-        return build_state(
+        state = build_state(
             spec,
             models,
             specs,
             dead_letter_topic=dead_letter_topic(spec.input_topic),
             max_event_bytes=self.settings.scorer_max_event_bytes,
         )
+        self._ensure_changelogs(spec, state)
+        return state
+
+    def _ensure_changelogs(self, spec: DeploymentSpec, state: ServingState) -> None:
+        """Each feature set's changelog: compacted, partition for partition with the input."""
+        digests = {r.plan.digest for r in (*state.live, *state.shadows) if r.plan is not None}
+        if not digests:
+            return
+        assert spec.input_topic is not None
+        partitions = max(1, len(self._admin.partitions(spec.input_topic)))
+        for digest in sorted(digests):
+            self._admin.create_topic(
+                changelog_topic(spec.name, digest),
+                partitions,
+                config={"cleanup.policy": "compact"},
+                exist_ok=True,
+            )
 
     def _ensure_dead_letter_topic(self, spec: DeploymentSpec) -> None:
         assert spec.input_topic is not None

@@ -36,6 +36,7 @@ from confluent_kafka.admin import (
 from carrara.scoring import metrics
 from carrara.scoring.batch import BatchResult, InputBatch, ServingState, score_batch
 from carrara.scoring.delivery import Delivery, InFlight, Redeliver
+from carrara.scoring.feature_state import FeatureStore
 from carrara.settings import Settings
 from carrara.streams.client_config import (
     admin_config,
@@ -97,6 +98,8 @@ class DeploymentRunner:
         )
         self._last_idle_check = 0.0
         self._flight: _Flight | None = None  # the delivery whose commit is in flight
+        # Feature-set state of the partitions owned (one per client generation, see `_serve`).
+        self.features: FeatureStore | None = None
         self._thread = threading.Thread(target=self._run, name=f"scorer-{self.name}", daemon=True)
         metrics.REVISION.labels(self.name).set(state.deployment.revision)
 
@@ -182,6 +185,12 @@ class DeploymentRunner:
         guard = CallGuard(f"scorer-{self.name}")
         consumer = self._consumer()
         producer = self._producer()
+        # New clients resume from the committed offsets: state is restored from the changelogs.
+        features = self.features = FeatureStore(
+            self.name,
+            self.settings.kafka_bootstrap,
+            restore_timeout_s=max(60.0, self.settings.stall_timeout_s),
+        )
         clean = False
         try:
             if self.exactly_once:
@@ -210,6 +219,7 @@ class DeploymentRunner:
                 if flight is not None:  # the previous batch's commit, overlapped with scoring
                     self._flight = None
                     if not self._finish(flight, delivery, messages):
+                        features.reset()  # the state saw batches that come again
                         self.stop_event.wait(redeliver.next_delay())
                         continue  # rewound: `messages` will be consumed (and scored) again
                     redeliver.reset()
@@ -220,6 +230,7 @@ class DeploymentRunner:
                         self._flight = _Flight(pending, scored.result, scored.started)
                     except Redeliver as exc:
                         log.info("batch not delivered; it will be scored again", reason=str(exc))
+                        features.reset()
                         self.stop_event.wait(redeliver.next_delay())
                 elif self._flight is None:
                     self._confirm_idle(consumer)
@@ -233,6 +244,16 @@ class DeploymentRunner:
         finally:
             self._flight = None
             self._close(consumer, producer, guard, clean)
+            self._close_features()
+
+    def _close_features(self) -> None:
+        features, self.features = self.features, None
+        if features is None:
+            return
+        try:
+            features.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("could not close the feature-state reader", error=str(exc))
 
     def _init_transactions(self, producer: Producer, guard: CallGuard) -> None:
         """Register the transactional id (fencing any older producer with it), retrying."""
@@ -357,7 +378,9 @@ class DeploymentRunner:
     def _score(self, messages: list[Message]) -> _Scored:
         started = time.perf_counter()
         state = self._current()
-        result = score_batch(state, InputBatch.of_messages(self.input_topic, messages))
+        result = score_batch(
+            state, InputBatch.of_messages(self.input_topic, messages), features=self.features
+        )
         return _Scored(result, started)
 
     def _finish(self, flight: _Flight, delivery: Delivery, consumed_since: list[Message]) -> bool:
@@ -380,6 +403,8 @@ class DeploymentRunner:
         flight = self._flight
         if flight is not None:
             flight.pending.commit.wait(self.settings.kafka_call_timeout_s)
+        if self.features is not None:
+            self.features.drop([tp.partition for tp in partitions])
 
     def _confirm_idle(self, consumer: Consumer) -> None:
         """Nothing consumed: if the broker confirms every assigned partition is read to its end,

@@ -61,6 +61,9 @@ class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True):
     # How predictions are written: JSON objects, or Avro framed with the id of the prediction
     # schema registered under `<output topic>-value` (README: Event formats).
     output_format: Literal["json", "avro"] = "json"
+    # Write each prediction's model input vector in the record (`features`), e.g. to check that
+    # the features a scorer computed equal the training rows.
+    include_features: bool = False
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError raised here into a ValidationError on decode.

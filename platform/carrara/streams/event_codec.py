@@ -39,6 +39,7 @@ import msgspec
 import numpy as np
 import orjson
 
+from carrara.features.plan import COLUMN_PREFIX
 from carrara.streams.event_schema import (
     REGISTRY_FORMATS,
     EventFormat,
@@ -779,6 +780,10 @@ class FeatureSpec:
     schema: EventSchema
     vocabularies: dict[str, list[Label]]  # category feature -> values; code = index
     label_classes: list[Label] | None = None  # code = index; binary/anomaly: [negative, positive]
+    # The feature set the model was trained with (`training.features.feature_set_record`: its
+    # SQL, digest, late policy, outputs), whose outputs follow `columns` in the model's input as
+    # `sql.<name>`; None: raw fields only.
+    feature_set: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def _trainable(self) -> list[Feature]:
@@ -788,6 +793,14 @@ class FeatureSpec:
     def columns(self) -> list[str]:
         """Matrix column names: the non-string features, in schema order."""
         return [f.name for f in self._trainable]
+
+    @property
+    def model_columns(self) -> list[str]:
+        """The model's input columns: `columns`, then the feature set's outputs (`sql.<name>`)."""
+        if not self.feature_set:
+            return self.columns
+        outputs = self.feature_set.get("outputs") or []
+        return [*self.columns, *(COLUMN_PREFIX + str(o["name"]) for o in outputs)]
 
     @property
     def categorical_columns(self) -> list[int]:
@@ -872,7 +885,7 @@ class FeatureSpec:
             "positive_class": self.positive_class,
             "unknown_category_code": UNKNOWN_CODE,
             "missing_value": "NaN",
-        }
+        } | ({} if self.feature_set is None else {"feature_set": dict(self.feature_set)})
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.as_dict())
@@ -887,7 +900,15 @@ class FeatureSpec:
         if set(vocabularies) != categories:
             raise FeatureError("the feature spec's vocabularies do not match its category features")
         classes = data.get("label_classes")
-        return cls(schema, vocabularies, None if classes is None else list(classes))
+        feature_set = data.get("feature_set")
+        if feature_set is not None and not isinstance(feature_set, Mapping):
+            raise FeatureError("the feature spec's feature_set is not an object")
+        return cls(
+            schema,
+            vocabularies,
+            None if classes is None else list(classes),
+            None if feature_set is None else dict(feature_set),
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> FeatureSpec:

@@ -59,6 +59,9 @@ class Prediction(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The input record's Kafka timestamp (epoch ms): end-to-end latency is the prediction record's
     # own timestamp minus this. Omitted when 0 (unknown, or written by an older scorer).
     input_ms: int = 0
+    # The model's input vector by column (`include_features: true` deployments only): the raw
+    # columns as encoded for the model and the feature set's `sql.<name>` columns; None = missing.
+    features: dict[str, float | None] | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -154,6 +157,11 @@ PREDICTION_AVRO_SCHEMA: dict[str, Any] = {
         {"name": "latency_ms", "type": "double", "default": 0.0},
         {"name": "scored_at_ms", "type": "long", "default": 0},
         {"name": "input_ms", "type": "long", "default": 0},
+        {
+            "name": "features",
+            "type": ["null", {"type": "map", "values": ["null", "double"]}],
+            "default": None,
+        },
     ],
 }
 _FIELDS = tuple(f["name"] for f in PREDICTION_AVRO_SCHEMA["fields"])

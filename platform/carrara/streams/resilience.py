@@ -333,9 +333,19 @@ def caught_up(consumer: Consumer, topic: str | None = None, timeout_s: float = 1
     """
     try:
         consumer.list_topics(topic, timeout=timeout_s)
-        for tp in consumer.position(consumer.assignment()):
+        positions = consumer.position(consumer.assignment())
+        # Nothing consumed yet from a partition (no position): where the group committed is
+        # where it stands; a partition assigned already read to its end has no position.
+        unknown = [tp for tp in positions if tp.offset < 0]
+        committed = (
+            {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(unknown, timeout_s)}
+            if unknown
+            else {}
+        )
+        for tp in positions:
+            offset = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-            if (tp.offset < 0 and high > low) or (tp.offset >= 0 and tp.offset < high):
+            if (offset < 0 and high > low) or (offset >= 0 and offset < high):
                 return False
     except KafkaException:
         return False

@@ -13,14 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from carrara.features.operator import PartitionedOperator
-from carrara.features.plan import (
-    FeaturePlan,
-    LatePolicy,
-    OutputKind,
-    decoded_fields,
-)
-from carrara.features.sql import parse_feature_sql
+from carrara.features.operator import PartitionedOperator, process_rows
+from carrara.features.pinned import pinned_plan
+from carrara.features.plan import FeaturePlan, FeatureSqlError, decoded_fields
 
 
 class FeatureSetError(ValueError):
@@ -38,32 +33,17 @@ class DerivedFeatures:
 
 def plan_of(feature_set: dict[str, Any], schema: dict[str, Any], dataset: str) -> FeaturePlan:
     """The plan of a run's pinned feature-set revision (re-parsed: the SQL is the definition)."""
-    plan = parse_feature_sql(
-        feature_set["sql"],
-        key_field=schema["key_field"],
-        time_field=schema.get("event_time_field"),
-        fields={f["name"]: f["type"] for f in schema["features"]},
-        label_field=schema.get("label_field"),
-        dataset=dataset,
-        late_policy=LatePolicy(feature_set.get("late_policy", "cap")),
-        allowed_lateness_ms=int(feature_set.get("allowed_lateness_ms", 0)),
-    )
-    if plan.digest != feature_set["digest"]:
-        raise FeatureSetError(
-            f"feature-set revision {feature_set['number']}: its digest does not match its SQL"
+    try:
+        return pinned_plan(
+            feature_set,
+            key_field=schema["key_field"],
+            time_field=schema.get("event_time_field"),
+            fields={f["name"]: f["type"] for f in schema["features"]},
+            label_field=schema.get("label_field"),
+            dataset=dataset,
         )
-    categories = [o.name for o in plan.outputs if o.kind is OutputKind.category]
-    if categories:
-        raise FeatureSetError(
-            f"training uses numeric derived features only; {', '.join(categories)} are "
-            "categories (not built yet: declare the field as a dataset feature instead)"
-        )
-    if not schema.get("event_time_field"):
-        raise FeatureSetError(
-            "training with a feature set needs the dataset's event time field (windows over "
-            "record timestamps are not built yet for training)"
-        )
-    return plan
+    except FeatureSqlError as exc:
+        raise FeatureSetError(str(exc)) from exc
 
 
 def run_operator(
@@ -71,20 +51,16 @@ def run_operator(
 ) -> tuple[np.ndarray, int]:
     """Process decoded events in their replay order: their features as a matrix, and how many
     were late."""
-    n = decoded.rows
-    out = np.full((n, len(plan.outputs)), np.nan)
-    late = 0
-    if n == 0:
-        return out, late
-    times = decoded.event_times
-    row = decoded_fields(decoded)
-    keys = decoded.keys
-    partitions = decoded.partitions
-    for i in range(n):
-        result = operator.process(int(partitions[i]), keys[i], round(float(times[i])), row(i))
-        out[i] = result.values
-        late += result.late
-    return out, late
+    if decoded.rows == 0:
+        return np.full((0, len(plan.outputs)), np.nan), 0
+    return process_rows(
+        operator.of,
+        plan,
+        decoded.partitions,
+        decoded.keys,
+        decoded.event_times,
+        decoded_fields(decoded),
+    )
 
 
 def derive(
