@@ -1,7 +1,9 @@
-"""Kafka I/O of the demo: JSON events in (paced), outcomes a few seconds later, predictions out."""
+"""Kafka I/O of the demo: JSON or Avro events in (paced), outcomes a few seconds later,
+predictions out."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 import uuid
@@ -9,11 +11,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import fastavro
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from carrara.streams.client_config import consumer_config, producer_config
 from carrara.streams.prediction_record import Prediction, decode_prediction
+from carrara.streams.schema_registry import frame
 
 
 class JsonProducer:
@@ -40,13 +44,16 @@ class JsonProducer:
         while True:
             try:
                 self._producer.produce(
-                    topic, key=key.encode(), value=orjson.dumps(value), on_delivery=_delivered
+                    topic, key=key.encode(), value=self.encode(value), on_delivery=_delivered
                 )
                 break
             except BufferError:  # the local queue is full: let librdkafka send some first
                 self._producer.poll(0.1)
         self.sent += 1
         self._producer.poll(0)
+
+    def encode(self, value: dict[str, Any]) -> bytes:
+        return orjson.dumps(value)
 
     def poll(self) -> None:
         self._producer.poll(0)
@@ -59,6 +66,24 @@ class JsonProducer:
                 f"{remaining + self.failed} events could not be delivered to Kafka "
                 f"(undelivered: {remaining}, failed: {self.failed})"
             )
+
+
+class AvroProducer(JsonProducer):
+    """Produces Avro records framed with their writer schema's id (the Confluent wire format), as
+    a device with a Schema Registry serializer does; `use` moves to another writer schema."""
+
+    def __init__(self, bootstrap: str, schema_id: int, schema: dict[str, Any]) -> None:
+        super().__init__(bootstrap)
+        self.use(schema_id, schema)
+
+    def use(self, schema_id: int, schema: dict[str, Any]) -> None:
+        self.schema_id = schema_id
+        self._schema = fastavro.parse_schema(schema)
+
+    def encode(self, value: dict[str, Any]) -> bytes:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, self._schema, value)
+        return frame(self.schema_id, out.getvalue())
 
 
 class DelayedOutcomes:

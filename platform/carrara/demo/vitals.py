@@ -1,5 +1,11 @@
 """Scenario 2, patient vital signs: normal readings -> anomaly dataset -> autoencoder -> deployment
--> live readings with injected episodes -> alerts read from the deployment's output topic."""
+-> live readings with injected episodes -> alerts read from the deployment's output topic.
+
+The bedside monitors write Avro through the Schema Registry, as hospital devices with a registry
+serializer do (the Confluent wire format: each record framed with its writer schema's id); midway
+through the live stream a firmware update adds the respiratory rate (schema v2: a field with a
+default, BACKWARD compatible) and the scorer keeps scoring, each record read with its own schema.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+from confluent_kafka.schema_registry import Schema
 from rich.markup import escape
 
 from carrara.demo.context import DemoContext
 from carrara.demo.events import VITALS_FEATURES, Reading, VitalsSimulator, describe_vitals
 from carrara.demo.pipeline import start_run, versions_by_run, wait_rollout, wait_runs
-from carrara.demo.streaming import JsonProducer, Pacer, PredictionReader
+from carrara.demo.streaming import AvroProducer, Pacer, PredictionReader
 from carrara.streams.prediction_record import Prediction
+from carrara.streams.schema_registry import Registry
 from carrara.streams.topics import TopicAdmin
 
 SCENARIO = "vitals"
@@ -36,6 +45,36 @@ AUTOENCODER = {
 }
 
 
+# A bedside monitor's reading (v1), and after the firmware update (v2: one more field, a default).
+READING_V1: dict[str, Any] = {
+    "type": "record",
+    "name": "VitalSigns",
+    "namespace": "carrara.demo",
+    "doc": "One bedside monitor reading",
+    "fields": [
+        {"name": "patient_id", "type": "string"},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "heart_rate", "type": "int"},
+        {"name": "systolic_bp", "type": "int"},
+        {"name": "diastolic_bp", "type": "int"},
+        {"name": "spo2", "type": "int"},
+        {"name": "temperature", "type": "double"},
+    ],
+}
+READING_V2: dict[str, Any] = {
+    **READING_V1,
+    "fields": [
+        *READING_V1["fields"],
+        {"name": "respiratory_rate", "type": "int", "default": 16, "doc": "breaths per minute"},
+    ],
+}
+
+
+def respiratory_rate(event: dict[str, Any]) -> int:
+    """What the updated monitors also measure: breaths per minute, faster with a fast heart."""
+    return max(8, min(40, round(14 + (int(event["heart_rate"]) - 75) / 8)))
+
+
 @dataclass
 class VitalsLive:
     """The running scenario: live readings in, alerts out."""
@@ -44,8 +83,10 @@ class VitalsLive:
     deployment: str
     topic: str
     simulator: VitalsSimulator
-    producer: JsonProducer
+    producer: AvroProducer
     reader: PredictionReader
+    registry: Registry
+    subject: str
     alert_lines: int | None = ALERT_LINES  # None: print every alert
     sent: dict[tuple[int, int], Reading] = field(default_factory=dict)
     unresolved: list[Prediction] = field(default_factory=list)
@@ -56,12 +97,24 @@ class VitalsLive:
     flagged_episodes: int = 0
     false_alarms: int = 0
     alerts_printed: int = 0
+    upgraded_at: int | None = None  # readings streamed before the monitors wrote schema v2
+
+    def upgrade(self) -> int:
+        """The firmware update: schema v2 registered, readings from now on written with it."""
+        schema_id = self.registry.register(
+            self.subject, Schema(orjson.dumps(READING_V2).decode(), "AVRO")
+        )
+        self.producer.use(schema_id, READING_V2)
+        self.upgraded_at = self.streamed
+        return schema_id
 
     def send(self, count: int, episode_chance: float) -> None:
         """Produce `count` readings now, each an episode with probability `episode_chance`."""
         now_ms = int(time.time() * 1000)
         for _ in range(count):
             reading = self.simulator.next(episode_chance, ts_ms=now_ms)
+            if self.upgraded_at is not None:
+                reading.event["respiratory_rate"] = respiratory_rate(reading.event)
 
             def remember(partition: int, offset: int, reading: Reading = reading) -> None:
                 self.sent[(partition, offset)] = reading
@@ -127,16 +180,20 @@ def run(ctx: DemoContext) -> VitalsLive:
     topic = ctx.topic(SCENARIO)
     scores_topic = ctx.topic(SCENARIO, "scores")
     simulator = VitalsSimulator(seed=int(ctx.run_id, 16) + 1, patients=PATIENTS)
-    producer = JsonProducer(ctx.settings.kafka_bootstrap)
+    registry = Registry.from_settings(ctx.settings)
+    subject = f"{topic}-value"
 
     with ctx.step(
-        TITLE, "2.1", f"Create dataset {dataset} (task anomaly) and topic {topic}"
+        TITLE, "2.1", f"Create Avro dataset {dataset} (task anomaly) and topic {topic}"
     ) as step:
+        # The devices' schema comes first: an Avro dataset is checked against its subject.
+        schema_id = registry.register(subject, Schema(orjson.dumps(READING_V1).decode(), "AVRO"))
         created = ctx.api.post(
             "/datasets",
             json={
                 "name": dataset,
                 "topic": topic,
+                "format": "avro",
                 "key_field": "patient_id",
                 "event_time_field": "ts",
                 "task": "anomaly",
@@ -148,9 +205,10 @@ def run(ctx: DemoContext) -> VitalsLive:
             },
         )
         step.detail = (
-            f"POST /api/v1/datasets → {created['name']}: "
-            f"{', '.join(n for n, _ in VITALS_FEATURES)}; no label"
+            f"subject {subject} v1 (schema id {schema_id}); POST /api/v1/datasets → "
+            f"{created['name']}: {', '.join(n for n, _ in VITALS_FEATURES)}; no label"
         )
+    producer = AvroProducer(ctx.settings.kafka_bootstrap, schema_id, READING_V1)
 
     with ctx.step(
         TITLE, "2.2", f"Produce {HISTORY_EVENTS:,} normal readings of {PATIENTS} patients"
@@ -224,6 +282,8 @@ def run(ctx: DemoContext) -> VitalsLive:
         simulator,
         producer,
         PredictionReader(ctx.settings.kafka_bootstrap, scores_topic, deployment),
+        registry,
+        subject,
     )
     try:
         _stream(ctx, live)
@@ -239,11 +299,20 @@ def _stream(ctx: DemoContext, live: VitalsLive) -> None:
         TITLE,
         "2.6",
         f"Stream {LIVE_EVENTS:,} live readings ({LIVE_RATE}/s), {EPISODE_CHANCE:.0%} with an "
-        "injected episode; alerts as they arrive",
+        "injected episode, Avro schema v1 then v2; alerts as they arrive",
     ) as step:
         pacer = Pacer(LIVE_RATE)
         while live.streamed < LIVE_EVENTS:
-            live.send(min(pacer.due(), LIVE_EVENTS - live.streamed), EPISODE_CHANCE)
+            if live.upgraded_at is None and live.streamed >= LIVE_EVENTS // 2:
+                schema_id = live.upgrade()
+                ctx.console.print(
+                    f"    [cyan]Firmware update[/cyan]: the monitors now write schema v2 (adds "
+                    f"respiratory_rate, default 16; schema id {schema_id}), mid-stream"
+                )
+            due = min(pacer.due(), LIVE_EVENTS - live.streamed)
+            if live.upgraded_at is None:
+                due = min(due, LIVE_EVENTS // 2 - live.streamed)
+            live.send(due, EPISODE_CHANCE)
             live.watch()
             time.sleep(0.05)
         live.producer.flush()
@@ -259,8 +328,9 @@ def _stream(ctx: DemoContext, live: VitalsLive) -> None:
             f"{PREDICTION_TIMEOUT_S} s",
         )
         step.detail = (
-            f"{live.streamed:,} readings ({live.injected} episodes) → {live.scored:,} "
-            f"predictions, {live.alerts_printed} alerts"
+            f"{live.streamed:,} readings ({live.injected} episodes; schema v2 from reading "
+            f"{(live.upgraded_at or 0) + 1:,}) → {live.scored:,} predictions, "
+            f"{live.alerts_printed} alerts"
         )
 
 
