@@ -21,6 +21,11 @@ scorer encodes live events exactly as the model saw them in training.
 Bad events (not JSON, not an object, missing key, mistyped field, missing label) do not stop the
 decode: they are counted with a capped sample of reasons, and `check_bad_event_threshold` decides
 whether there are too many.
+
+Why one module of ~950 lines: decoding (JSON structs, registry rows and columns), the value checks
+and the feature spec that encodes live events exactly as in training are one contract between the
+trainer and the scorer, tested as one; the registry formats' readers live apart
+(`carrara.streams.registry_formats`, `carrara.streams.avro_columns`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ are decoded record by record and projected onto the fields into one tuple per re
 
 The same resolution checks a dataset against its subject's latest schema
 (`check_registered_schema`), naming each missing or mistyped field.
+
+Why one module of ~860 lines: the three formats share one resolution of the slots against a writer
+schema (the types each slot accepts, defaults, null checks, the reasons a record is bad) and one
+reader cache, and the dataset check runs that same resolution; the columnar Avro decoding, which
+needs none of it, lives apart (`carrara.streams.avro_columns`).
 """
 
 from __future__ import annotations
