@@ -222,9 +222,9 @@ def test_nan_and_null_are_skipped_and_empty_aggregates_are_null() -> None:
 
 def test_state_bytes_round_trip() -> None:
     state = KeyState(5)
-    state.times, state.values = [1, 5], [(1.5, "x", None), (math.inf, None, True)]
+    state.times, state.columns = [1, 5], [[1.5, math.inf], ["x", None], [None, True]]
     again = KeyState.from_bytes(state.to_bytes())
-    assert (again.latest, again.times, again.values) == (5, [1, 5], state.values)
+    assert (again.latest, again.times, again.columns) == (5, [1, 5], state.columns)
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -38,33 +37,43 @@ import numpy as np
 from carrara.features.plan import Aggregate, FeaturePlan, LatePolicy
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder()
 
 
 class KeyState:
-    """One key's events within the horizon: times (ms, ascending) and stored argument values."""
+    """One key's events within the horizon: times (ms, ascending) and, per stored argument, its
+    values (columns, so a window's values are one slice)."""
 
-    __slots__ = ("latest", "times", "values")
+    __slots__ = ("columns", "latest", "times")
 
-    def __init__(self, latest: int) -> None:
+    def __init__(self, latest: int, width: int = 0) -> None:
         self.latest = latest
         self.times: list[int] = []
-        self.values: list[tuple[Any, ...]] = []
+        self.columns: list[list[Any]] = [[] for _ in range(width)]
 
     def to_bytes(self) -> bytes:
-        return _encoder.encode([self.latest, self.times, [list(v) for v in self.values]])
+        return _encoder.encode([self.latest, self.times, self.columns])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyState:
-        latest, times, values = _decoder.decode(data)
-        state = cls(int(latest))
-        state.times = [int(t) for t in times]
-        state.values = [tuple(v) for v in values]
+        wire = _state_decoder.decode(data)
+        state = cls(wire.latest)
+        state.times = wire.times
+        state.columns = wire.columns
         return state
 
 
-@dataclass(frozen=True)
-class ProcessedEvent:
+class _Wire(msgspec.Struct, array_like=True, gc=False):
+    """A key's state as the changelog holds it: [latest, times, columns] (msgpack)."""
+
+    latest: int
+    times: list[int]
+    columns: list[list[Any]]
+
+
+_state_decoder = msgspec.msgpack.Decoder(_Wire)
+
+
+class ProcessedEvent(NamedTuple):
     """What the operator did with one event: its features, its time, and whether it was late."""
 
     values: list[Any]  # one per plan output: float (NaN for NULL) or a category (None)
@@ -79,19 +88,29 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
-def _aggregate(kind: Aggregate, values: list[Any]) -> Any:
+def _numbers(values: list[Any], numeric: bool) -> list[float]:
+    """The non-NULL numbers of a window's values (a numeric argument holds float or None)."""
+    if numeric:
+        return values if None not in values else [x for x in values if x is not None]
+    return [x for x in map(_number, values) if x is not None]
+
+
+def _aggregate(kind: Aggregate, values: list[Any], numeric: bool = False) -> Any:
+    """`kind` over a window's values (the current event's last); NULLs are skipped."""
     if kind is Aggregate.count_values:
-        return float(sum(1 for v in values if v is not None))
+        return float(len(values) - values.count(None))
     if kind is Aggregate.count_distinct:
-        return float(len({v for v in values if v is not None}))
+        distinct = set(values)
+        distinct.discard(None)
+        return float(len(distinct))
     if kind in (Aggregate.min, Aggregate.max):
-        present = [v for v in values if v is not None]
+        present = values if None not in values else [v for v in values if v is not None]
         if not present:
             return None
-        if any(isinstance(v, str) for v in present):
+        if not numeric and any(isinstance(v, str) for v in present):
             present = [v for v in present if isinstance(v, str)]
         return min(present) if kind is Aggregate.min else max(present)
-    numbers = [x for x in map(_number, values) if x is not None]
+    numbers = _numbers(values, numeric)
     n = len(numbers)
     if kind is Aggregate.sum:
         return math.fsum(numbers) if n else None
@@ -118,6 +137,19 @@ class FeatureOperator:
         self._drop_late = plan.late_policy is LatePolicy.drop
         self._lateness = plan.allowed_lateness_ms
         self._widths = sorted({w.window_ms for w in plan.windows if w.window_ms is not None})
+        self._width_index = {w: j for j, w in enumerate(self._widths)}
+        self._numeric = plan.arg_numeric
+        # Per window call: (aggregate, arg, index into the event's window starts, LAG offset).
+        self._calls = [
+            (
+                c.aggregate,
+                c.arg,
+                -1 if c.window_ms is None else self._width_index[c.window_ms],
+                c.lag_offset,
+            )
+            for c in plan.windows
+        ]
+        self._outputs = [(o.compute, o.kind == "number") for o in plan.outputs]
         self.changed: set[Any] = set()  # keys whose state changed since `take_changes`
 
     def process(self, key: Any, time_ms: int, event: Mapping[str, Any]) -> ProcessedEvent:
@@ -139,46 +171,45 @@ class FeatureOperator:
             t = state.latest
         seconds = t / 1000.0
         time_context = [seconds]
-        row_args = tuple(arg(event, time_context) for arg in plan.args)
+        row_args = [arg(event, time_context) for arg in plan.args]
         results: list[Any] = []
-        if plan.windows:
+        if self._calls:
             if state is not None:
                 self._evict(state, t)
-                times, values = state.times, state.values
+                times, columns = state.times, state.columns
             else:
-                times, values = [], []
-            starts = {w: bisect_left(times, t - w) for w in self._widths}
-            for call in plan.windows:
-                if call.aggregate is Aggregate.lag:
-                    n, i = call.lag_offset, call.arg
+                times, columns = [], [[] for _ in row_args]
+            starts = [bisect_left(times, t - w) for w in self._widths]
+            numeric = self._numeric
+            for aggregate, i, at, lag in self._calls:
+                if aggregate is Aggregate.lag:
                     assert i is not None
-                    results.append(values[-n][i] if len(values) >= n else None)
+                    column = columns[i]
+                    results.append(column[-lag] if len(column) >= lag else None)
                     continue
-                assert call.window_ms is not None
-                start = starts[call.window_ms]
-                if call.aggregate is Aggregate.count_star:
-                    results.append(float(len(times) - start + 1))
+                if aggregate is Aggregate.count_star:
+                    results.append(float(len(times) - starts[at] + 1))
                     continue
-                assert call.arg is not None
-                i = call.arg
-                column = [v[i] for v in values[start:]]
-                column.append(row_args[i])
-                results.append(_aggregate(call.aggregate, column))
+                assert i is not None
+                window = columns[i][starts[at] :]
+                window.append(row_args[i])
+                results.append(_aggregate(aggregate, window, numeric[i]))
         stored = not (late and self._drop_late)
-        if stored and plan.windows:
+        if stored and self._calls:
             if state is None:
-                state = self.keys[key] = KeyState(t)
+                state = self.keys[key] = KeyState(t, len(row_args))
             state.times.append(t)
-            state.values.append(row_args)
+            for column, value in zip(state.columns, row_args, strict=True):
+                column.append(value)
             state.latest = t
             self.changed.add(key)
         if self.clock is None or t > self.clock:
             self.clock = t
         results.append(seconds)
         out = []
-        for output in plan.outputs:
-            value = output.compute(event, results)
-            if output.kind == "number":
+        for compute, number in self._outputs:
+            value = compute(event, results)
+            if number:
                 value = math.nan if value is None else float(value)
             out.append(value)
         return ProcessedEvent(out, t, late, stored)
@@ -187,7 +218,8 @@ class FeatureOperator:
         cut = bisect_left(state.times, t - self._horizon)
         if cut:
             del state.times[:cut]
-            del state.values[:cut]
+            for column in state.columns:
+                del column[:cut]
 
     # -- state: expiry, changelog, restore --------------------------------------------------
 

@@ -88,6 +88,8 @@ class FeaturePlan:
     time_field: str  # the dataset's event time field, or RECORD_TIME
     outputs: tuple[Output, ...]
     args: tuple[Compiled, ...] = field(compare=False, repr=False)  # stored per event in state
+    # Per arg: statically a number (its values are float or None), so aggregates skip the checks.
+    arg_numeric: tuple[bool, ...] = field(compare=False, repr=False)
     windows: tuple[WindowCall, ...]
     columns: tuple[str, ...]  # the event fields the SQL reads
     horizon_ms: int  # the longest window (or DEFAULT_HORIZON_MS): how long state lives

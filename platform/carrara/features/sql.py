@@ -221,11 +221,20 @@ class _Compiler:
             known = ", ".join(sorted(self.kinds)) or "none"
             raise self.error(f"unknown column '{name}' (the dataset's fields: {known})", node)
         self.columns.setdefault(name, None)
+        kind = self.kinds[name]
+        if kind == NUMBER:
+            # A declared number reads as float or NULL, whatever the record holds (aggregates
+            # rely on it: plan.arg_numeric).
+            def read_number(env: Mapping[str, Any], _w: Sequence[Any]) -> Any:
+                v = env.get(name)
+                return None if isinstance(v, str) else read_value(v)
+
+            return read_number, kind
 
         def read(env: Mapping[str, Any], _w: Sequence[Any]) -> Any:
             return read_value(env.get(name))
 
-        return read, self.kinds[name]
+        return read, kind
 
     def expr(self, node: exp.Expr) -> tuple[Compiled, str]:
         if isinstance(node, exp.Paren):
@@ -824,6 +833,7 @@ def parse_feature_sql(
         time_field=time_name,
         outputs=tuple(outputs),
         args=tuple(compiler.args),
+        arg_numeric=tuple(k == NUMBER for k in compiler.arg_kinds),
         windows=windows,
         columns=tuple(compiler.columns),
         horizon_ms=max(widths) if widths else DEFAULT_HORIZON_MS,
