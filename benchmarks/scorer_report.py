@@ -153,7 +153,7 @@ def render(
             )
     if "avro" in results:
         a = results["avro"]
-        rates, used = a["rates"], a["cores"]
+        rates, used, per_core = a["rates"], a["cores"], a["per_core"]
         out += [
             "",
             "### Avro input: the same model on the same events, JSON vs. Avro",
@@ -163,15 +163,20 @@ def render(
             "registered in the local Schema Registry, ~170 bytes) on a second 3-partition topic, "
             "each scored by a fresh deployment of the same model (trained once; the Avro copy's "
             "feature spec reads the Avro dataset). The order alternates between rounds; the "
-            "ratio is taken within each round. Avro batches are decoded column by column "
+            "ratio is taken within each round. Events per CPU-second (events/s over the "
+            "scorer's cores) say what each format costs the scorer, less disturbed than events/s "
+            "by other processes on the shared cores. Avro batches are decoded column by column "
             "(`streams/avro_columns.py`).",
             "",
-            "| input | scorer events/s | scorer CPU, cores |",
-            "|---|---|---|",
-            f"| JSON | {rates['json'].fmt()} | {used['json'].fmt(cores)} |",
-            f"| Avro | {rates['avro'].fmt()} | {used['avro'].fmt(cores)} |",
+            "| input | scorer events/s | scorer CPU, cores | events per CPU-second |",
+            "|---|---|---|---|",
+            f"| JSON | {rates['json'].fmt()} | {used['json'].fmt(cores)} "
+            f"| {per_core['json'].fmt()} |",
+            f"| Avro | {rates['avro'].fmt()} | {used['avro'].fmt(cores)} "
+            f"| {per_core['avro'].fmt()} |",
             "",
-            f"Avro / JSON: {rates['ratio'].fmt(ratio)}.",
+            f"Avro / JSON: {rates['ratio'].fmt(ratio)} in events/s, "
+            f"{per_core['ratio'].fmt(ratio)} in events per CPU-second.",
         ]
     if "latency" in results:
         out += [
