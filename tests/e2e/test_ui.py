@@ -557,3 +557,102 @@ def test_forms_say_what_is_wrong_on_the_right_field_all_at_once(
     assert "0.weight" not in text
     assert "variants.0" not in text
     assert problems == [], problems
+
+
+def test_a_data_scientist_writes_features_in_sql_and_previews_them(
+    page: Page, browser: Browser, ui_stack: UiStack, screenshots: Path
+) -> None:
+    """The feature-set page: the parser's error at its line and column (the cursor put there),
+    a revision saved, the preview's table, an older revision viewed; and it fits a phone."""
+    stack = ui_stack
+    suffix = uuid.uuid4().hex[:6]
+    topic, dataset = f"e2e-feats-{suffix}", f"e2e-feats-{suffix}"
+    TopicAdmin(stack.settings.kafka_bootstrap).create_topic(topic, 2)
+    try:
+        base_ms = 1_714_564_800_000
+        records = [
+            {**e, "ts": base_ms + 60_000 * (i // 4), "fraud": e["fraud"]}
+            for i, e in enumerate(events(40, seed=5, key_prefix="feat"))
+        ]
+        for i, record in enumerate(records):
+            record["card_id"] = f"feat-{i % 4}"  # four cards, ten payments each
+        produce(stack, topic, records)
+        created = stack.call(
+            "POST",
+            "/datasets",
+            json={
+                "name": dataset,
+                "topic": topic,
+                "key_field": "card_id",
+                "event_time_field": "ts",
+                "label_field": "fraud",
+                "task": "binary",
+                "features": [{"name": f, "type": "float"} for f in FEATURES]
+                + [{"name": "merchant", "type": "category"}],
+            },
+        )
+        assert created.status_code == 201, created.text
+        problems = watch(page)
+        sign_in(page, stack, stack.editor_token)
+        page.goto(f"{stack.ui}/datasets/{dataset}")
+        page.get_by_role("link", name="Feature set", exact=True).click()
+        expect(page.locator("h1")).to_have_text("Feature set")
+        expect(page.locator(".empty-title")).to_have_text("No feature set yet")
+
+        editor = page.get_by_label("SQL", exact=True)
+        wrong = (
+            "SELECT f0 * 2 AS double_f0,\n"
+            "       COUNT(*) OVER (PARTITION BY merchant ORDER BY ts\n"
+            "                      RANGE INTERVAL '5' MINUTE PRECEDING) AS n_5m\n"
+            f'FROM "{dataset}"'
+        )
+        editor.fill(wrong)
+        page.get_by_role("button", name="Save as a new revision").click()
+        expect(page.locator("#sql-error")).to_contain_text(
+            "line 2, column 36: COUNT OVER must be PARTITION BY card_id"
+        )
+        expect(page.locator("pre.sql-error")).to_contain_text("^")
+        # The cursor is where the parser points: line 2, column 36 ("merchant").
+        cursor = page.evaluate("document.getElementById('sql').selectionStart")
+        assert wrong[cursor : cursor + len("merchant")] == "merchant"
+        shot(page, screenshots, "30-feature-set-error")
+
+        editor.fill(wrong.replace("PARTITION BY merchant", "PARTITION BY card_id"))
+        page.get_by_label("Reason for this change").fill("five-minute velocity")
+        page.get_by_role("button", name="Save as a new revision").click()
+        expect(page.locator(".flash-success")).to_contain_text("Revision 1 saved: 2 feature(s)")
+        page.get_by_label("Preview on the newest").fill("12")
+        page.get_by_role("button", name="Preview").click()
+        table = page.locator("table.preview-table")
+        expect(table.locator("tbody tr")).to_have_count(12)
+        expect(table.locator("thead")).to_contain_text("n_5m")
+        counts = table.locator("tbody tr td:nth-child(6)").all_inner_texts()
+        assert all(c.isdigit() and int(c) >= 1 for c in counts), counts
+        shot(page, screenshots, "31-feature-set-preview", readme="feature-set")
+
+        editor.fill(
+            wrong.replace("PARTITION BY merchant", "PARTITION BY card_id").replace("'5'", "'10'")
+        )
+        page.get_by_role("button", name="Save as a new revision").click()
+        expect(page.locator(".flash-success")).to_contain_text("Revision 2 saved")
+        page.get_by_role("link", name="View revision 1", exact=True).click()
+        expect(page.locator("#revision-title")).to_contain_text("Revision 1")
+        expect(page.locator("pre.sql-source")).to_contain_text("INTERVAL '5' MINUTE")
+        expect(page.locator("main")).to_contain_text("This is an older revision")
+
+        phone = browser.new_context(viewport=PHONE)
+        try:
+            mobile = phone.new_page()
+            problems += watch(mobile)
+            sign_in(mobile, stack, stack.viewer_token)
+            fits_a_phone(mobile, f"{stack.ui}/datasets/{dataset}/features")
+            mobile.get_by_role("button", name="Preview").click()
+            expect(mobile.locator("table.preview-table tbody tr")).to_have_count(20)
+            layout = mobile.evaluate(FITS)
+            assert layout["scroll"] <= layout["width"], layout
+            shot(mobile, screenshots, "32-phone-feature-set")
+        finally:
+            phone.close()
+        assert problems == [], problems
+    finally:
+        TopicAdmin(stack.settings.kafka_bootstrap).delete_topics([topic])

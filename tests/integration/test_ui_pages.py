@@ -37,6 +37,7 @@ from carrara.ui.pages import (
     datasets,
     deployment_edit,
     deployments,
+    feature_sets,
     models,
     run_detail,
     runs,
@@ -328,7 +329,16 @@ def test_a_viewer_sees_no_edit_controls_and_is_refused_edits(
 def test_every_form_post_of_the_ui_checks_the_csrf_token(client: TestClient, editor: str) -> None:
     posts = [
         "/ui" + route.path
-        for module in (signin, datasets, runs, run_detail, models, deployment_edit, deployments)
+        for module in (
+            signin,
+            datasets,
+            feature_sets,
+            runs,
+            run_detail,
+            models,
+            deployment_edit,
+            deployments,
+        )
         for route in module.router.routes
         if isinstance(route, APIRoute) and "POST" in route.methods
     ]
@@ -683,3 +693,155 @@ def test_missing_vendored_assets_answer_503_with_the_fix(
     assert response.status_code == 503
     assert "run `deploy/bootstrap.sh web`" in response.text
     assert "htmx.min.js" in response.text
+
+
+FEATURE_SQL = """SELECT LN(amount + 1) AS log_amount,
+       COUNT(*) OVER (PARTITION BY user ORDER BY ts RANGE INTERVAL '1' HOUR PRECEDING) AS n_1h,
+       ts - LAG(ts) OVER (PARTITION BY user ORDER BY ts) AS gap
+FROM "{name}\""""
+
+
+def test_the_feature_set_page_edits_previews_and_lists_revisions(
+    client: TestClient,
+    editor: str,
+    db_session: Session,
+    stack_settings: Settings,
+    topic_name: str,
+) -> None:
+    from confluent_kafka import Producer
+
+    base_ms = 1_714_564_800_000
+    TopicAdmin(stack_settings.kafka_bootstrap).create_topic(topic_name, 1)
+    producer = Producer({"bootstrap.servers": stack_settings.kafka_bootstrap})
+    for i, (user, seconds, amount) in enumerate(
+        [("u1", 0, 10.0), ("u2", 30, 5.0), ("u1", 60, 20.0), ("u1", 4000, 1.0)]
+    ):
+        event = {
+            "user": user,
+            "ts": base_ms + seconds * 1000,
+            "amount": amount,
+            "items": i,
+            "fraud": 0,
+        }
+        producer.produce(topic_name, key=user, value=orjson.dumps(event))
+    assert producer.flush(10) == 0
+    name = "ui-feats"
+    form = {
+        "csrf_token": editor,
+        "name": name,
+        "topic": topic_name,
+        "key_field": "user",
+        "event_time_field": "ts",
+        "label_field": "fraud",
+        "task": "binary",
+        "features": "amount: float\nitems: int",
+    }
+    assert client.post("/ui/datasets/_new", data=form, follow_redirects=False).status_code == 303
+    detail = client.get(f"/ui/datasets/{name}")
+    assert f'href="/ui/datasets/{name}/features"' in detail.text
+    assert "write a feature set" in detail.text
+
+    page = client.get(f"/ui/datasets/{name}/features")
+    assert page.status_code == 200
+    assert "No feature set yet" in page.text
+    assert "PARTITION BY user ORDER BY ts" in page.text  # a starter query on its key and time
+    url = f"/ui/datasets/{name}/features"
+    sql = FEATURE_SQL.format(name=name)
+
+    # The parser's error next to the editor: message, line and column, the line and a caret.
+    wrong = sql.replace(
+        "PARTITION BY user ORDER BY ts RANGE", "PARTITION BY items ORDER BY ts RANGE"
+    )
+    refused = client.post(url, data={"csrf_token": editor, "sql": wrong.replace("\n", "\r\n")})
+    assert refused.status_code == 422
+    assert (
+        "line 2, column 36: COUNT OVER must be PARTITION BY user: the dataset&#39;s key"
+        in refused.text
+    )
+    assert 'data-error-line="2" data-error-column="36"' in refused.text
+    assert "2 │ </span>       COUNT(*) OVER (PARTITION BY items" in refused.text
+    assert " " * 35 + "^" in refused.text
+    assert "PARTITION BY items" in refused.text  # what was typed is kept
+    unparsable = client.post(url, data={"csrf_token": editor, "sql": "SELECT amount +"})
+    assert unparsable.status_code == 422
+    assert "line 1, column 15: not valid SQL" in unparsable.text
+    too_late = client.post(
+        url, data={"csrf_token": editor, "sql": sql, "allowed_lateness_ms": "-5"}
+    )
+    assert too_late.status_code == 422
+    assert "must be at least 0" in too_late.text
+
+    saved = client.post(
+        url,
+        data={"csrf_token": editor, "sql": sql.replace("\n", "\r\n"), "reason": "first"},
+        follow_redirects=False,
+    )
+    assert saved.status_code == 303, saved.text
+    assert saved.headers["location"] == url
+    shown = client.get(url)
+    assert "Revision 1 saved: 3 feature(s), horizon 1 h." in shown.text
+    assert "log_amount" in shown.text
+    assert "n_1h" in shown.text
+    again = client.post(url, data={"csrf_token": editor, "sql": sql}, follow_redirects=True)
+    assert "Unchanged: this is revision 1&#39;s definition, so nothing was stored." in again.text
+    changed = sql.replace("'1' HOUR", "'2' HOUR")
+    client.post(url, data={"csrf_token": editor, "sql": changed, "reason": "two hours"})
+    audit = db_session.scalars(
+        select(AuditEvent).where(
+            AuditEvent.action == "dataset.features.update", AuditEvent.resource_id == name
+        )
+    ).all()
+    assert [(a.actor, a.after["number"]) for a in audit] == [("ui-editor", 1), ("ui-editor", 2)]
+    assert audit[0].after["sql"] == sql  # CRLF from the browser stored as LF
+
+    page = client.get(url)
+    assert "Revision 2" in page.text
+    assert "<dd>2 h <span" in page.text
+    assert page.text.count('aria-label="View revision') == 2
+    old = client.get(f"{url}?revision=1")
+    assert old.status_code == 200
+    assert "This is an older revision: new training runs compute revision 2." in old.text
+    assert "RANGE INTERVAL &#39;1&#39; HOUR" in old.text
+    assert client.get(f"{url}?revision=9").status_code == 404
+    assert client.get("/ui/datasets/no-such/features").status_code == 404
+    assert "revision 2</a>" in client.get(f"/ui/datasets/{name}").text
+
+    # The preview: the editor's SQL (not saved) on the newest events, as a table.
+    preview = client.post(f"{url}/preview", data={"csrf_token": editor, "sql": sql, "events": "10"})
+    assert preview.status_code == 200, preview.text[-3000:]
+    assert "the SQL above (not saved)" in preview.text
+    rows = re.findall(r"<tr>\s*<td>p0</td>(.*?)</tr>", preview.text, re.S)
+    assert len(rows) == 4
+    cells = [re.findall(r'<td class="num mono">([^<]*)</td>', row) for row in rows]
+    # u1: 1 event, then 2 (60 s after), then 1 with no gap: 4000 s later is past the horizon
+    # (1 h, the longest window), so its history was forgotten (README, "Features in SQL").
+    assert [c[1:] for c in cells] == [["1", "—"], ["1", "—"], ["2", "60"], ["1", "—"]]
+    current = client.post(f"{url}/preview", data={"csrf_token": editor, "events": "2"})
+    assert "Preview · revision 2" in current.text
+    assert len(re.findall(r"<tr>\s*<td>p0</td>", current.text)) == 2
+    bad_preview = client.post(
+        f"{url}/preview", data={"csrf_token": editor, "sql": wrong, "events": "0"}
+    )
+    assert bad_preview.status_code == 422
+    assert "a whole number of events, 1 to 1,000" in bad_preview.text
+    bad_sql = client.post(f"{url}/preview", data={"csrf_token": editor, "sql": wrong})
+    assert bad_sql.status_code == 422
+    assert "line 2, column 36: COUNT OVER must be PARTITION BY user" in bad_sql.text
+
+    # A viewer reads and previews the current revision; saving is refused.
+    client.post("/ui/sign-out", data={"csrf_token": editor})
+    viewer = sign_in(client, token(db_session, Role.viewer, "ui-feature-reader"))
+    read = client.get(url)
+    assert "<textarea" not in read.text
+    assert "Save as a new revision" not in read.text
+    seen = client.post(f"{url}/preview", data={"csrf_token": viewer, "events": "3"})
+    assert seen.status_code == 200
+    assert "Preview · revision 2" in seen.text
+    refused = client.post(url, data={"csrf_token": viewer, "sql": sql})
+    assert refused.status_code == 403
+    assert (
+        db_session.scalar(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.resource_id == name)
+        )
+        == 3
+    )  # the dataset and its two revisions

@@ -83,6 +83,21 @@
     output.className = total === 100 ? "text-good" : "text-bad";
   }
 
+  // Feature-set editor: after the parser refused the SQL, put the cursor where it points.
+  function showSqlError(root) {
+    const editor = root.querySelector("textarea[data-error-line]");
+    if (!editor) return;
+    const line = Number(editor.dataset.errorLine);
+    const column = Number(editor.dataset.errorColumn || 1);
+    const lines = editor.value.split("\n");
+    let offset = 0;
+    for (let i = 0; i < Math.min(line - 1, lines.length); i++) offset += lines[i].length + 1;
+    offset += Math.min(column - 1, (lines[line - 1] || "").length);
+    editor.focus();
+    editor.setSelectionRange(offset, offset);
+  }
+  document.addEventListener("DOMContentLoaded", () => showSqlError(document));
+
   // --- live charts -----------------------------------------------------------------------------
 
   const timeLabel = (iso) => {

@@ -14,6 +14,7 @@ from carrara.ui.pages import (
     datasets,
     deployment_edit,
     deployments,
+    feature_sets,
     models,
     overview,
     page_router,
@@ -29,7 +30,17 @@ log = structlog.get_logger(__name__)
 fallback = page_router()
 # In this order: `/runs/new` and `/deployments/_new` must not be taken for a run id or a
 # deployment's name.
-PAGES = (signin, overview, datasets, runs, run_detail, models, deployment_edit, deployments)
+PAGES = (
+    signin,
+    overview,
+    datasets,
+    feature_sets,
+    runs,
+    run_detail,
+    models,
+    deployment_edit,
+    deployments,
+)
 
 
 def _page_for(request: Request, url: str) -> str | None:

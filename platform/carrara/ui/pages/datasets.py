@@ -19,6 +19,8 @@ from carrara.datasets.schemas import (
 )
 from carrara.deps import DatasetName, SettingsDep
 from carrara.errors import DomainError
+from carrara.feature_sets import service as feature_sets
+from carrara.feature_sets.schemas import FeatureSetRevisionOut
 from carrara.pagination import Page
 from carrara.streams.event_schema import FeatureType, Task
 from carrara.streams.snapshot import SnapshotMode
@@ -141,7 +143,9 @@ def _detail(
     snapshot_errors: dict[str, str] | None = None,
     status: int = 200,
 ) -> Response:
-    dataset = DatasetOut.model_validate(datasets.get_dataset(session, name))
+    row = datasets.get_dataset(session, name)
+    dataset = DatasetOut.model_validate(row)
+    feature_set = feature_sets.current_revision(session, row)
     versions, _ = datasets.list_versions(session, name, list_page(None))
     runs, _ = training.list_runs(session, list_page(None, 10), dataset=name)
     shown = [DatasetVersionOut.from_version(v) for v in versions]
@@ -149,6 +153,9 @@ def _detail(
         "nav": "datasets",
         "dataset": dataset,
         "subject": sampling.subject_view(dataset.format, dataset.subject),
+        "feature_set": None
+        if feature_set is None
+        else FeatureSetRevisionOut.model_validate(feature_set),
         "versions": shown,
         "same_as": same_events(shown),
         "runs": [RunOut.from_run(r) for r in runs],
