@@ -272,18 +272,27 @@ def process_rows(
     joins no state: without a key it belongs to no entity.
     """
     n = len(keys)
-    out = np.full((n, len(plan.outputs)), np.nan)
+    rows: list[list[Any]] = []
     late = 0
+    time_list = times.tolist() if isinstance(times, np.ndarray) else list(times)
+    partition_list = partitions.tolist() if isinstance(partitions, np.ndarray) else partitions
+    operator: FeatureOperator | None = None
+    current = None
     for i in range(n):
         key = keys[i]
-        time_ms = round(float(times[i]))
+        time_ms = round(time_list[i])
         if key is None:
             result = FeatureOperator(plan).process(None, time_ms, fields_of(i))
         else:
-            result = operator_of(int(partitions[i])).process(key, time_ms, fields_of(i))
-        out[i] = result.values
+            partition = partition_list[i]
+            if partition != current or operator is None:
+                operator, current = operator_of(int(partition)), partition
+            result = operator.process(key, time_ms, fields_of(i))
+        rows.append(result.values)
         late += result.late
-    return out, late
+    if not rows:
+        return np.full((0, len(plan.outputs)), np.nan), late
+    return np.array(rows, dtype=np.float64), late
 
 
 class PartitionedOperator:

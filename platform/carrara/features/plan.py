@@ -125,12 +125,11 @@ def decoded_fields(decoded: Any) -> Callable[[int], dict[str, Any]]:
         f.name for f in decoded.schema.features if str(f.type) in ("float", "int", "bool")
     ]
     numeric = decoded.numeric
-    categories = decoded.categories
+    # Python lists once per batch: a row is then one dict of plain values.
+    columns = [(name, numeric[:, j].tolist()) for j, name in enumerate(numeric_names)]
+    columns += list(decoded.categories.items())
 
     def row(i: int) -> dict[str, Any]:
-        env: dict[str, Any] = {n: float(numeric[i, j]) for j, n in enumerate(numeric_names)}
-        for name, values in categories.items():
-            env[name] = values[i]
-        return env
+        return {name: values[i] for name, values in columns}
 
     return row
