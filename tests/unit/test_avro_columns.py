@@ -217,6 +217,9 @@ def test_malformed_records_fall_back_to_the_reader_that_names_them() -> None:
     for broken in (truncated, huge_string, not_utf8, bad_enum):
         values = [good[0], broken, good[4]]
         assert reader.columns(values, [0, 1, 2]) is None
+        # Last in the batch, a record cut short reads on into the padding, never past the buffer.
+        assert reader.columns([good[0], good[4], broken], [0, 1, 2]) is None
+        assert reader.columns([frame(1, b"\x02a")], [0]) is None
         decoded = _decode(registry, values)
         assert decoded.offsets.tolist() == [100, 102]
         assert [s["offset"] for s in decoded.bad.samples] == [101]
@@ -297,3 +300,32 @@ def test_two_writer_versions_in_one_batch_keep_the_batch_order() -> None:
     assert decoded.offsets.tolist() == list(range(100, 110))
     assert decoded.numeric[:, 0].tolist() == [float(i) for i in range(10)]
     assert decoded.numeric[:, 1].tolist() == [-float(i) if i % 3 == 0 else 1.5 for i in range(10)]
+
+
+def test_random_bytes_never_raise_and_agree_with_fastavro_when_read() -> None:
+    rng = random.Random(11)
+    real = _framed(WRITER, [_record(rng, i) for i in range(50)], 1)
+    reader = _reader(WRITER)
+    read = 0
+    for _ in range(400):
+        if rng.random() < 0.5:  # a real record with a few bytes flipped or cut
+            value = bytearray(rng.choice(real))
+            for _ in range(rng.randint(1, 3)):
+                value[rng.randrange(5, len(value))] = rng.randrange(256)
+            payload = bytes(value[: rng.randint(6, len(value))])
+        else:
+            payload = frame(1, bytes(rng.randrange(256) for _ in range(rng.randint(1, 80))))
+        got = reader.columns([payload], [0])
+        if got is None:
+            continue
+        read += 1
+        rows, good, _ = reader.rows([payload], [0])
+        assert good == got[1]
+        for j, column in enumerate(got[0]):
+            want = [row[j] for row in rows]
+            if isinstance(column, np.ndarray):
+                want = [math.nan if v is None else float(v) for v in want]
+                np.testing.assert_array_equal(column, np.array(want, dtype=np.float64))
+            else:
+                assert all(map(_same, column, want))
+    assert read > 0  # some corrupted records still decode (e.g. a flipped double)

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 NUMERIC_KINDS = frozenset({"float", "int", "bool"})
-_PAD = 16  # zero bytes after the joined records: a varint gather never leaves the buffer
+# Zero bytes after the joined records, beyond the most a malformed record's reads can overrun
+# its end between two checks (see `_advance`): every gather stays inside the buffer.
+_PAD = 16
 _TEN = np.arange(10, dtype=np.int64)
 _SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
 _FIXED = {"boolean": 1, "float": 4, "double": 8}
@@ -60,7 +62,11 @@ class _Batch:
     bad: bool = False
 
     def clamp(self, pos: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        """Positions past their record's end mark the batch bad (and stay inside the buffer)."""
+        """Positions past their record's end mark the batch bad (and stay inside the buffer).
+
+        Only after a length-prefixed value (its jump is unbounded): the other reads overrun by a
+        bounded amount, which the padding absorbs until the last check of `AvroColumns.read`.
+        """
         ends = self.ends if rows is None else self.ends[rows]
         if (pos > ends).any():
             self.bad = True
@@ -141,7 +147,7 @@ class _Run:
                 values = records[f"f{j}"]
                 for capture in captures:
                     _put(batch, capture.slot, rows, _convert(kind, values, capture))
-        return batch.clamp(pos + self.width, rows)
+        return pos + self.width
 
 
 def _convert(kind: str, values: np.ndarray, capture: _Capture) -> Any:
@@ -167,7 +173,7 @@ class _Varint:
         values, pos = _varints(batch, pos)
         for capture in self.captures:
             _put(batch, capture.slot, rows, _convert("long", values, capture))
-        return batch.clamp(pos, rows)
+        return pos
 
 
 @dataclass
@@ -210,7 +216,7 @@ class _Enum:
             names = np.array(self.symbols, dtype=object)[index].tolist()
             for capture in self.captures:
                 _put(batch, capture.slot, rows, names)
-        return batch.clamp(pos, rows)
+        return pos
 
 
 @dataclass
@@ -224,7 +230,6 @@ class _Union:
         if ((index < 0) | (index >= len(self.branches))).any():
             batch.bad = True
             return pos
-        pos = batch.clamp(pos, rows)
         every = np.arange(len(pos), dtype=np.int64) if rows is None else rows
         for b, nodes in enumerate(self.branches):
             if not nodes:
@@ -244,6 +249,19 @@ def _read_nodes(
         if batch.bad:
             break
     return pos
+
+
+def _advance(nodes: list[Node]) -> int:
+    """The most `nodes` move a read position without a check (strings are checked)."""
+    total = 0
+    for node in nodes:
+        if isinstance(node, _Run):
+            total += node.width
+        elif isinstance(node, _Union):
+            total += 10 + max((_advance(b) for b in node.branches), default=0)
+        else:  # a varint, an enum index, a string's length
+            total += 10
+    return total
 
 
 # --- compiling a plan ---------------------------------------------------------------------------
@@ -323,6 +341,7 @@ class AvroColumns:
     kinds: list[str]  # per slot
     defaults: list[Any]  # per slot: the value when the writer has no such field
     present: list[bool]  # per slot: the writer has the field
+    pad: int = _PAD  # zero bytes after the records (see `_advance`)
 
     def read(self, values: Sequence[bytes], header: int) -> list[Any] | None:
         """One column per slot for `values` (framed, `header` bytes before each payload), or None
@@ -331,7 +350,7 @@ class AvroColumns:
         data = b"".join(values)
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
         ends = np.cumsum(lengths)
-        buf = np.frombuffer(data + bytes(_PAD), dtype=np.uint8)
+        buf = np.frombuffer(data + bytes(self.pad), dtype=np.uint8)
         columns: list[Any] = []
         for kind, default, present in zip(self.kinds, self.defaults, self.present, strict=True):
             fill = None if present else default
@@ -344,7 +363,7 @@ class AvroColumns:
         batch = _Batch(data, buf, ends, columns)
         pos = ends - lengths + header
         pos = _read_nodes(self.nodes, batch, pos, None)
-        if batch.bad:
+        if batch.bad or (pos > ends).any():
             return None
         return [
             c.tolist() if isinstance(c, np.ndarray) and c.dtype == object else c for c in columns
@@ -379,4 +398,5 @@ def plan_columns(
             for kind, d in zip(kinds, defaults, strict=True)
         ],
         [path is not None for path in paths],
+        _PAD + 2 * _advance(nodes),
     )
