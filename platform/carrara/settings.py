@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     scorer_instance_id: str = ""  # default: the host name (stable pod names give static membership)
     scorer_delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
     scorer_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # While a commit is in flight the next batch keeps growing with what arrives, up to this.
+    scorer_max_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
     scorer_max_event_bytes: int = Field(default=1_000_000, ge=1)
     scorer_metrics_port: int = 9400
     # The monitor's /metrics, /healthz and /readyz (0: any free port).

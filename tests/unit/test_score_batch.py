@@ -148,3 +148,31 @@ def test_keyless_events_are_scored_split_by_offset_and_counted() -> None:
     assert len(predictions) == 10
     assert all(p.key is None for p in predictions)
     assert result.keyless == 10
+
+
+def test_a_batch_result_absorbs_the_next_in_order() -> None:
+    from carrara.scoring.batch import BatchResult, OutputRecord
+
+    first = BatchResult(
+        records=[OutputRecord("out", b"k1", b"v1", [])],
+        served={"a": 1},
+        dead_letters={"invalid-event": 1},
+        keyless=1,
+        served_timestamps={"a": [10]},
+    )
+    second = BatchResult(
+        records=[OutputRecord("out", b"k2", b"v2", []), OutputRecord("log", b"k", None, [], 3)],
+        served={"a": 2, "b": 1},
+        shadowed={"s": 3},
+        dead_letters={"invalid-event": 2, "oversized": 1},
+        shadow_errors=1,
+        served_timestamps={"a": [11, 12], "b": [13]},
+    )
+    first.absorb(second)
+    assert [r.key for r in first.records] == [b"k1", b"k2", b"k"]
+    assert first.records[-1].partition == 3
+    assert first.served == {"a": 3, "b": 1}
+    assert first.shadowed == {"s": 3}
+    assert first.dead_letters == {"invalid-event": 3, "oversized": 1}
+    assert (first.keyless, first.shadow_errors) == (1, 1)
+    assert first.served_timestamps == {"a": [10, 11, 12], "b": [13]}

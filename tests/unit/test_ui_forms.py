@@ -217,6 +217,8 @@ def test_variant_rows_and_the_deployment_body() -> None:
     current = {
         "monitoring": {"outcomes_topic": "outcomes", "metric": "accuracy", "alpha": 0.01},
         "policy": {"auto_rollback": True},
+        "output_format": "avro",
+        "include_features": True,
     }
     body = deployment_body({**DEPLOYMENT_FORM, "outcomes_topic": "outcomes"}, current)
     assert body["pool"] == "default"
@@ -224,7 +226,9 @@ def test_variant_rows_and_the_deployment_body() -> None:
     assert body["monitoring"]["metric"] == "accuracy"
     assert body["monitoring"]["alpha"] == 0.01
     assert body["policy"] == {"auto_rollback": True}
+    assert (body["output_format"], body["include_features"]) == ("avro", True)
     put = DeploymentPut.model_validate(body)
+    assert (put.output_format, put.include_features) == ("avro", True)
     assert put.variants[2].shadow_sample_pct == 25
     cleared = deployment_body({**DEPLOYMENT_FORM, "outcomes_topic": ""}, current)
     assert "outcomes_topic" not in cleared["monitoring"]

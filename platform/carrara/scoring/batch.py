@@ -163,6 +163,21 @@ class BatchResult:
     # Live variant -> the input timestamps (epoch ms) of the events it answered.
     served_timestamps: dict[str, list[int]] = field(default_factory=dict)
 
+    def absorb(self, other: BatchResult) -> None:
+        """Add the next batch's result to this one (delivered together, in log order)."""
+        self.records.extend(other.records)
+        for mine, theirs in (
+            (self.served, other.served),
+            (self.shadowed, other.shadowed),
+            (self.dead_letters, other.dead_letters),
+        ):
+            for name, count in theirs.items():
+                mine[name] = mine.get(name, 0) + count
+        self.keyless += other.keyless
+        self.shadow_errors += other.shadow_errors
+        for variant, stamps in other.served_timestamps.items():
+            self.served_timestamps.setdefault(variant, []).extend(stamps)
+
 
 def build_state(
     deployment: DeploymentSpec,

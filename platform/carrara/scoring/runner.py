@@ -216,6 +216,8 @@ class DeploymentRunner:
                 if not messages and flight is not None and not flight.pending.commit.wait(0.005):
                     continue  # the commit is still running and nothing new came: look again
                 scored = self._score(messages) if messages else None
+                if scored is not None and flight is not None:
+                    messages = self._score_while_committing(consumer, flight, scored, messages)
                 if flight is not None:  # the previous batch's commit, overlapped with scoring
                     self._flight = None
                     if not self._finish(flight, delivery, messages):
@@ -254,6 +256,24 @@ class DeploymentRunner:
             features.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("could not close the feature-state reader", error=str(exc))
+
+    def _score_while_committing(
+        self, consumer: Consumer, flight: _Flight, scored: _Scored, messages: list[Message]
+    ) -> list[Message]:
+        """While the previous batch's commit runs, score what else is there into this batch.
+
+        The loop never idles behind a commit while events wait: the batch grows (up to
+        `scorer_max_batch_size`) and goes out in the next delivery. An idle input adds nothing.
+        """
+        limit = self.settings.scorer_max_batch_size
+        done = flight.pending.commit.done
+        while not done() and len(messages) < limit:
+            more = self._collect(consumer, 0.0)
+            if not more:
+                break
+            scored.result.absorb(self._score(more).result)
+            messages = messages + more
+        return messages
 
     def _init_transactions(self, producer: Producer, guard: CallGuard) -> None:
         """Register the transactional id (fencing any older producer with it), retrying."""

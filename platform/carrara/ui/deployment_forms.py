@@ -133,8 +133,8 @@ def deployment_body(
 ) -> dict[str, Any]:
     """The body of `PUT /api/v1/deployments/{name}` from the create or edit form.
 
-    Monitoring settings the form does not show (metric, champion, alpha, policy...) are kept from
-    the current spec, so changing weights never silently drops them.
+    Settings the form does not show (monitoring metric, champion, alpha, policy, the output format,
+    `include_features`) are kept from the current spec, so changing weights never drops them.
     """
     current = current or {}
     body: dict[str, Any] = {
@@ -159,6 +159,10 @@ def deployment_body(
         body["monitoring"] = monitoring
     if current.get("policy") is not None:
         body["policy"] = current["policy"]
+    # Settings the form does not show are kept too (an edit must not turn them off).
+    for kept in ("output_format", "include_features"):
+        if current.get(kept) is not None:
+            body[kept] = current[kept]
     return body
 
 
