@@ -8,16 +8,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import lru_cache
+from typing import Any
 
+import msgspec
 from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from carrara.settings import get_settings
 
 
+def json_loads(data: str | bytes) -> Any:
+    """JSON(B) columns decoded by msgspec (~4x the standard library: list endpoints read a JSON
+    column or two per row); same values as `json.loads`, integers beyond 64 bits included."""
+    return _json_decoder.decode(data)
+
+
+_json_decoder = msgspec.json.Decoder()
+
+
 def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:
     """An engine with health-checked pooled connections (per process: README, Sizing the API)."""
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        json_deserializer=json_loads,
+    )
 
 
 def libpq_conninfo(url: str) -> str:

@@ -8,10 +8,11 @@ parameters from this module, and neither imports the other. Services never impor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -19,7 +20,7 @@ from carrara.api_types import PG_INT_MAX, DbId
 from carrara.auth.cache import TokenCache
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
-from carrara.auth.service import authenticate
+from carrara.auth.service import authenticate, authenticate_cached
 from carrara.datasets.schemas import NAME_PATTERN as DATASET_NAME_PATTERN
 from carrara.db import get_session
 from carrara.deployments.schemas import NAME_PATTERN as DEPLOYMENT_NAME_PATTERN
@@ -46,6 +47,7 @@ __all__ = [
     "VersionNumber",
     "Viewer",
     "bearer",
+    "check_role",
     "current_principal",
     "require",
     "token_cache",
@@ -60,7 +62,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 PageParamsDep = Annotated[PageParams, Depends(page_params)]
 
 
-def monitoring_cache(request: Request) -> ViewCache | None:
+async def monitoring_cache(request: Request) -> ViewCache | None:
     """The app's memory of recent metrics and verdicts (`CARRARA_MONITORING_CACHE_S`), if any."""
     return getattr(request.app.state, "monitoring_cache", None)
 
@@ -77,29 +79,42 @@ def token_cache(request: Request) -> TokenCache | None:
     return getattr(request.app.state, "token_cache", None)
 
 
-def current_principal(
+async def current_principal(
     request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     """The principal behind the request's bearer token; 401 without a valid one.
 
-    Answered from the token cache when the token was verified recently (no query)."""
+    Answered from the token cache when the token was verified recently (no query, and no trip
+    through the thread pool); otherwise looked up in a worker thread."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("an API token is required: send `Authorization: Bearer <token>`")
-    return authenticate(session, credentials.credentials, token_cache(request))
+    cache = token_cache(request)
+    cached = authenticate_cached(credentials.credentials, cache)
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(authenticate, session, credentials.credentials, cache)
 
 
-def require(role: Role) -> Callable[[Principal], Principal]:
-    """Dependency factory: the principal, if its role is at least `role`; 403 otherwise."""
+def check_role(principal: Principal, role: Role) -> Principal:
+    """`principal` if its role is at least `role`; Forbidden (403) naming both otherwise."""
+    if not principal.can(role):
+        raise Forbidden(
+            f"this needs the {role.value} role; "
+            f"token '{principal.name}' has the {principal.role.value} role"
+        )
+    return principal
 
-    def _check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
-        if not principal.can(role):
-            raise Forbidden(
-                f"this needs the {role.value} role; "
-                f"token '{principal.name}' has the {principal.role.value} role"
-            )
-        return principal
+
+def require(role: Role) -> Callable[[Principal], Awaitable[Principal]]:
+    """Dependency factory: the principal, if its role is at least `role`; 403 otherwise.
+
+    Dependencies that only compute are `async def`: FastAPI runs a plain `def` dependency in its
+    thread pool, a hop that costs more than the check."""
+
+    async def _check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        return check_role(principal, role)
 
     return _check
 

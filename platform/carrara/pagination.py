@@ -48,7 +48,7 @@ def decode_cursor(cursor: str) -> int:
     return int(cursor)
 
 
-def page_params(
+async def page_params(
     limit: Annotated[int, Query(ge=1, le=500, description="Items per page")] = 50,
     cursor: Annotated[
         str | None,
@@ -61,7 +61,12 @@ def page_params(
         ),
     ] = None,
 ) -> PageParams:
-    """FastAPI dependency reading `limit` and `cursor`."""
+    """FastAPI dependency reading `limit` and `cursor` (async: no thread-pool hop to compute)."""
+    return make_page_params(limit, cursor)
+
+
+def make_page_params(limit: int, cursor: str | None) -> PageParams:
+    """The page asked for by `limit` and a `cursor` this API returned (Invalid otherwise)."""
     return PageParams(limit=limit, after_id=decode_cursor(cursor) if cursor else None)
 
 

@@ -72,6 +72,21 @@ def is_active(row: ApiToken, now: datetime | None = None) -> bool:
     return row.expires_at is None or (now or datetime.now(UTC)) < row.expires_at
 
 
+def authenticate_cached(
+    secret: str, cache: TokenCache | None, token_hash: str | None = None
+) -> Principal | None:
+    """The principal of a token `cache` verified recently (expiry checked: 401), else None: the
+    part of `authenticate` that needs no database (the API answers it without a thread)."""
+    if cache is None:
+        return None
+    hit = cache.get(token_hash or hash_token(secret))
+    if hit is None:
+        return None
+    if hit.expires_at is not None and datetime.now(UTC) >= hit.expires_at:
+        raise Unauthorized(f"token {hit.prefix}… expired at {hit.expires_at.isoformat()}")
+    return hit.principal
+
+
 def authenticate(session: Session, secret: str, cache: TokenCache | None = None) -> Principal:
     """The principal behind a bearer token; 401 when unknown, revoked or expired.
 
@@ -79,12 +94,9 @@ def authenticate(session: Session, secret: str, cache: TokenCache | None = None)
     query); its expiry is still checked on every call (see carrara.auth.cache for the bounds).
     """
     token_hash = hash_token(secret)
-    if cache is not None:
-        hit = cache.get(token_hash)
-        if hit is not None:
-            if hit.expires_at is not None and datetime.now(UTC) >= hit.expires_at:
-                raise Unauthorized(f"token {hit.prefix}… expired at {hit.expires_at.isoformat()}")
-            return hit.principal
+    cached = authenticate_cached(secret, cache, token_hash)
+    if cached is not None:
+        return cached
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash))
     if row is None:
         raise Unauthorized("the bearer token is not valid")

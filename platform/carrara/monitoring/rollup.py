@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +26,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
+    bindparam,
     delete,
     func,
     literal_column,
@@ -241,14 +243,25 @@ def bucket_sums(
     SUMS, then every histogram bin in HISTOGRAMS order) per variant and `bucket`, in order.
 
     A bin no row has (a minute's `[]`: no end-to-end data) sums to 0, as the rollup's do."""
-    vm = VariantMetrics
     hours = whole_hours(start, end) if use_rollup and bucket != "minute" else None
-    if hours is None:
+    params: dict[str, Any] = {"name": name, "start": start, "end": end}
+    if hours is not None:
+        params["first"], params["last"] = hours
+    return [tuple(row) for row in session.execute(_statement(bucket, hours is not None), params)]
+
+
+@lru_cache
+def _statement(bucket: str, rollup: bool) -> Select[*tuple[Any, ...]]:
+    """The query of `bucket_sums`, built once per bucket size and source (~150 expressions:
+    building them per request cost more than running the query)."""
+    vm = VariantMetrics
+    name, start, end = bindparam("name"), bindparam("start"), bindparam("end")
+    if not rollup:
         source = _minute_rows(
             [vm.deployment == name, vm.bucket_start >= start, vm.bucket_start < end]
         )
     else:
-        first, last = hours
+        first, last = bindparam("first"), bindparam("last")
         h = VariantMetricsHourly
         edges = or_(
             and_(vm.bucket_start >= start, vm.bucket_start < first),
@@ -265,7 +278,7 @@ def bucket_sums(
         "b"
     )
     newest_version = func.array_agg(aggregate_order_by(c.model_version, c.newest.desc()))[1]
-    stmt = (
+    return (
         select(
             c.variant,
             truncated,
@@ -281,4 +294,3 @@ def bucket_sums(
         .group_by(c.variant, truncated)
         .order_by(c.variant, truncated)
     )
-    return [tuple(row) for row in session.execute(stmt)]

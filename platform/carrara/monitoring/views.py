@@ -83,9 +83,7 @@ def metrics_view(
 ) -> MetricsOut:
     """`metrics` as the API shows it, from `cache` when it was computed for this revision less
     than its TTL ago. Without `start`, the window is the last `default` up to `end` (or now)."""
-    deployment, _ = deployments.get_deployment(session, name)
-    revision = last_running_revision(session, deployment)
-    key = ("metrics", name, revision.id, start, end, bucket, default)
+    key = ("metrics", name, _revision_id(session, name), start, end, bucket, default)
     return _cached(
         cache,
         key,
@@ -97,9 +95,30 @@ def metrics_view(
 
 def verdict_view(session: Session, name: str, cache: ViewCache | None = None) -> VerdictOut:
     """`verdict` as the API shows it, from `cache` as `metrics_view` says."""
-    deployment, _ = deployments.get_deployment(session, name)
-    revision = last_running_revision(session, deployment)
-    return _verdict(session, name, revision, cache)
+
+    def compute() -> VerdictOut:
+        deployment, _ = deployments.get_deployment(session, name)
+        return VerdictOut.model_validate(
+            verdict_of(session, name, last_running_revision(session, deployment))
+        )
+
+    return _cached(cache, ("verdict", name, _revision_id(session, name)), compute)
+
+
+def _revision_id(session: Session, name: str) -> int:
+    """The id of the last revision of `name` that had a spec (one indexed query: what a cached
+    answer is checked against); NotFound as `get_deployment` says when there is none."""
+    found = session.scalar(
+        select(DeploymentRevision.id)
+        .join(Deployment, Deployment.id == DeploymentRevision.deployment_id)
+        .where(Deployment.name == name, func.jsonb_typeof(DeploymentRevision.spec) == "object")
+        .order_by(DeploymentRevision.number.desc())
+        .limit(1)
+    )
+    if found is None:
+        deployments.get_deployment(session, name)  # raises NotFound with the usual message
+        raise NotFound(f"deployment '{name}' never had a spec")
+    return found
 
 
 def _verdict(

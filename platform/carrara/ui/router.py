@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import structlog
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
@@ -79,13 +79,11 @@ def not_found(path: str, request: Request) -> Response:
     return error_page(request, 404, "Not found", f"There is no page at /ui/{path}.")
 
 
-def build_ui_router() -> APIRouter:
-    """Every page and fragment of the UI, under /ui (kept out of the OpenAPI schema)."""
-    ui = APIRouter(prefix=UI_PREFIX, include_in_schema=False)
-    for module in PAGES:
-        ui.include_router(module.router)
-    ui.include_router(fallback)  # last: only what no page matched
-    return ui
+def include_pages(app: FastAPI) -> None:
+    """Every page and fragment of the UI, under /ui (kept out of the OpenAPI schema); each
+    router straight in the app (nested routers are matched again per level: carrara.main)."""
+    for router in [*(module.router for module in PAGES), fallback]:  # last: what nothing matched
+        app.include_router(router, prefix=UI_PREFIX, include_in_schema=False)
 
 
 VENDOR = UI_PREFIX + "/static/vendor"
@@ -144,5 +142,5 @@ def install_ui(app: FastAPI, secret_key: str) -> None:
         StaticFiles(directory=STATIC_DIR, check_dir=False),
         name="ui-static",
     )
-    app.include_router(build_ui_router())
+    include_pages(app)
     app.add_middleware(UiSessionMiddleware, secret_key=secret_key)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
 from carrara.auth.service import get_token, is_active
-from carrara.deps import SessionDep, require
+from carrara.deps import SessionDep, check_role
 from carrara.errors import NotFound
 
 UI_PREFIX = "/ui"
@@ -69,7 +69,7 @@ class UiSessionMiddleware:
         await chosen(scope, receive, send)
 
 
-def page_session(request: Request, session: SessionDep) -> Session:
+async def page_session(request: Request, session: SessionDep) -> Session:
     """The request's database session, committed before the response is sent.
 
     Function scope matters for pages: after a form posts, the browser follows the redirect at
@@ -147,12 +147,12 @@ def current_user(request: Request, session: PageSession) -> Principal:
 PageViewer = Annotated[Principal, Depends(current_user)]
 
 
-def current_editor(request: Request, user: PageViewer, form: FormDep) -> Principal:
+async def current_editor(request: Request, user: PageViewer, form: FormDep) -> Principal:
     """A change posted by a signed-in editor: CSRF token checked, then the role (403)."""
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         check_csrf(request, form)
     # The API's own role rule: Forbidden names the role needed and the token's role.
-    return require(Role.editor)(user)
+    return check_role(user, Role.editor)
 
 
 PageEditor = Annotated[Principal, Depends(current_editor)]

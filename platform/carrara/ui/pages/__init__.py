@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 
-from carrara.pagination import PageParams, page_params
+from carrara.pagination import PageParams, make_page_params
 from carrara.ui.errors import PageRoute
 from carrara.ui.security import UI_PREFIX
 
@@ -24,7 +24,7 @@ def page_router() -> APIRouter:
 
 def list_page(cursor: str | None, limit: int = LIST_LIMIT) -> PageParams:
     """The page of a list the `cursor` query parameter asks for (the API's pagination)."""
-    return page_params(limit=limit, cursor=cursor or None)
+    return make_page_params(limit, cursor or None)
 
 
 def redirect(path: str) -> RedirectResponse:
