@@ -2,9 +2,10 @@
 
 The infrastructure is the stack `make test` started; the demo starts the API, a training worker,
 two scorers and the monitor itself, drives everything through the public REST API and Kafka, and
-stops what it started. Exit 0 means every step worked: runs beat their baselines, the deployments
-serve on both scorers, every streamed event got a prediction, every outcome was joined, the A/B
-verdict was computed and injected vital-sign episodes were flagged far above the normal rate.
+stops what it started. Exit 0 means every step worked: runs beat their baselines, the velocity
+features in SQL beat the raw fields offline and live, the deployments serve on both scorers,
+every streamed event got a prediction, every outcome was joined, the A/B verdict was computed and
+injected vital-sign episodes were flagged far above the normal rate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from carrara.settings import Settings
 from tests.conftest import ROOT
 
 CARRARA = str(Path(sys.executable).parent / "carrara")
-STEPS = ("1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8", "1.9")
+STEPS = tuple(f"1.{i}" for i in range(1, 12))
 STEPS += ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7")
 
 
@@ -64,14 +65,24 @@ def test_demo_once_runs_both_scenarios_and_every_step_works(stack_settings: Sett
 
     # The numbers behind the checks, as printed (rich wraps long lines: compare words).
     flat = " ".join(output.split())
-    runs = re.search(r"logistic regression v\d+ AUC (0\.\d+), LightGBM v\d+ AUC (0\.\d+)", flat)
+    runs = re.search(
+        r"logistic regression v\d+ AUC (0\.\d+), LightGBM v\d+ AUC (0\.\d+), AutoML v\d+ AUC "
+        r"(0\.\d+), LightGBM \+ velocity SQL v\d+ AUC (0\.\d+)",
+        flat,
+    )
     assert runs is not None
-    assert min(float(runs[1]), float(runs[2])) > 0.8
+    assert min(float(runs[1]), float(runs[2]), float(runs[3])) > 0.7  # the raw fields
+    assert float(runs[4]) >= float(runs[2]) + 0.02  # the same LightGBM, with velocity features
+    assert re.search(r"PUT /api/v1/datasets/demo-fraud-\w+/features → revision 1: txn_1h", flat)
+    live = re.search(r"velocity features AUC (0\.\d+) vs\. raw fields (0\.\d+)", flat)
+    assert live is not None
+    assert float(live[1]) > float(live[2])  # live, on the same payments
+    assert "Live payments in a burst: the features the scorer computed" in flat
     assert re.search(r"4,000 payments \(\d+ fraud\) → 4,000 predictions \+ 4,000 shadow", flat)
     assert "4,000 outcomes joined" in flat
     assert "2/2 scorers on revision 1" in flat
-    assert "challenger logreg vs. champion lightgbm" in flat
-    assert "challenger automl vs. champion lightgbm" in flat
+    for challenger in ("logreg", "lightgbm-raw", "automl"):
+        assert f"challenger {challenger} vs. champion lightgbm-sql" in flat
     flagged = re.search(r"(\d+) of (\d+) episodes flagged .*?(\d+) false alarms in ([\d,]+)", flat)
     assert flagged is not None
     hit_rate = int(flagged[1]) / int(flagged[2])

@@ -18,7 +18,10 @@ from carrara.demo.events import (
     abnormal_vitals,
     describe_vitals,
 )
+from carrara.demo.fraud_features import FEATURE_SQL
 from carrara.demo.streaming import Pacer
+from carrara.features.operator import PartitionedOperator
+from carrara.features.sql import parse_feature_sql
 
 
 def _matrix(payments: list) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +37,21 @@ def _matrix(payments: list) -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows), np.array([p.fraud for p in payments])
 
 
+def _velocity(payments: list) -> np.ndarray:
+    """The demo's feature set (its SQL) computed by the platform's operator, in log order."""
+    plan = parse_feature_sql(
+        FEATURE_SQL.format(dataset="payments"),
+        key_field="card_id",
+        time_field="ts",
+        fields=dict(FRAUD_FEATURES),
+        label_field="fraud",
+        dataset="payments",
+    )
+    operator = PartitionedOperator(plan)
+    rows = [operator.process(0, p.card_id, p.event["ts"], p.event).values for p in payments]
+    return np.array(rows, dtype=float)
+
+
 def test_fraud_is_rare_learnable_and_reproducible() -> None:
     simulator = FraudSimulator(seed=1)
     history = [simulator.next() for _ in range(20_000)]
@@ -42,10 +60,19 @@ def test_fraud_is_rare_learnable_and_reproducible() -> None:
     x_later, y_later = _matrix(later)
     assert 0.008 <= y.mean() <= 0.025
     model = HistGradientBoostingClassifier(random_state=0).fit(x, y)
-    assert roc_auc_score(y_later, model.predict_proba(x_later)[:, 1]) > 0.85
+    raw_auc = roc_auc_score(y_later, model.predict_proba(x_later)[:, 1])
+    assert raw_auc > 0.7
     for name, _ in FRAUD_FEATURES:
         assert name in history[0].event
     assert "fraud" not in history[0].event  # the label is an outcome, not an input
+
+    # Bursts on a card are a signal the payment's own fields cannot show; its history can.
+    velocity = _velocity(history + later)
+    featured = HistGradientBoostingClassifier(random_state=0).fit(
+        np.hstack([x, velocity[: len(history)]]), y
+    )
+    probabilities = featured.predict_proba(np.hstack([x_later, velocity[len(history) :]]))
+    assert roc_auc_score(y_later, probabilities[:, 1]) > raw_auc + 0.05
 
     again = FraudSimulator(seed=1)
     assert [again.next().event for _ in range(100)] == [p.event for p in history[:100]]

@@ -3,14 +3,18 @@
 Both are simulations with learnable structure rather than noise: fraudsters take over a card and
 spend fast, far from home, at night, in a few merchant categories; a patient's vitals wander
 around their own baseline until an episode (tachycardia, hypoxia, fever, ...) pushes them out.
-Features are computed on the simulation's own clock, so the live stream (produced at whatever rate
-the demo likes) has the same distribution as the history the models were trained on.
+
+A taken-over card is used in a burst of payments minutes apart, and half of a burst's later
+payments look like the cardholder's own: only the card's history (how many payments in the last
+hour, the seconds since the previous one) gives them away, which the events' own fields cannot
+show. The demo computes that history with a feature set in SQL. Event times run on the
+simulation's clock, so live payments (produced at whatever rate the demo likes) continue the
+history's timeline with the same per-card pace the models were trained on.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,7 @@ FRAUD_MIX = np.array([8, 4, 5, 2, 10, 20, 10, 12, 8, 20], dtype=float)
 # Typical basket size of a category relative to the cardholder's usual payment.
 AMOUNT_FACTOR = np.array([1.5, 1.0, 1.6, 0.8, 2.0, 4.0, 6.0, 0.6, 5.0, 0.5])
 ONLINE = {"online_gaming", "digital_goods"}
+EPOCH_MS = 1_700_000_000_000  # the simulations' clock starts here
 # Payments per local hour of day (people shop in the day; fraud also runs at night).
 HOUR_MIX = np.array(
     [1, 0.6, 0.4, 0.3, 0.3, 0.5, 1.5, 3, 4, 4.5, 5, 5.5, 6, 5.5, 5, 5, 5.5, 6, 6, 5, 4, 3, 2, 1.5]
@@ -44,8 +49,6 @@ FRAUD_FEATURES: tuple[tuple[str, str], ...] = (
     ("amount", "float"),
     ("merchant_category", "category"),
     ("hour", "int"),
-    ("velocity_1h", "int"),
-    ("velocity_24h", "int"),
     ("amount_vs_usual", "float"),
     ("distance_km", "float"),
     ("card_present", "bool"),
@@ -69,7 +72,16 @@ class Payment:
 
 
 class FraudSimulator:
-    """Payments of `cards` cardholders; now and then a card is taken over for a burst of fraud."""
+    """Payments of `cards` cardholders; now and then a card is taken over for a burst of fraud.
+
+    A burst is its first payment plus Poisson(`BURST_FOLLOW_UPS`) more, exponentially spaced
+    (mean `BURST_GAP_S`); a later payment of a burst copies the cardholder's habits with
+    probability `BURST_MIMIC`.
+    """
+
+    BURST_FOLLOW_UPS = 2.0
+    BURST_GAP_S = 180.0
+    BURST_MIMIC = 0.5
 
     def __init__(
         self,
@@ -81,20 +93,15 @@ class FraudSimulator:
         self.rng = np.random.default_rng(seed)
         self.card_ids = [f"card-{i:05d}" for i in range(cards)]
         self.usual = self.rng.lognormal(3.3, 0.6, size=cards)  # usual payment, ~27 EUR median
-        self.recent: list[deque[float]] = [deque() for _ in range(cards)]
         self.clock_s = 0.0
         self.step_s = 86_400 / (cards * payments_per_card_per_day)
-        mean_burst = 2.5
-        self.burst_chance = fraud_share / mean_burst
+        self.burst_chance = fraud_share / (1 + self.BURST_FOLLOW_UPS)
         self.pending: list[tuple[float, int]] = []  # (due time, card) of scheduled fraud
 
-    def warm_up(self, seconds: float = 86_400) -> None:
-        """Simulate `seconds` of payments unseen, so the first ones shown already have a day of
-        history behind their velocity features (else training would see lower velocities than
-        the live stream, and the monitor would rightly call that drift)."""
-        end = self.clock_s + seconds
-        while self.clock_s < end:
-            self.next()
+    @property
+    def now_ms(self) -> int:
+        """The simulation's clock as an event time (epoch ms)."""
+        return int(EPOCH_MS + self.clock_s * 1000)
 
     def next(self, busy: Mapping[str, int] | None = None, ts_ms: int | None = None) -> Payment:
         """The next payment. `busy` maps cards whose outcome is still pending to its label.
@@ -109,12 +116,13 @@ class FraudSimulator:
             if busy.get(self.card_ids[card]) == 0:
                 heapq.heappush(self.pending, (due + 60, card))  # wait for the legit outcome
             else:
-                return self._payment(card, fraud=True, ts_ms=ts_ms)
+                mimic = self.rng.random() < self.BURST_MIMIC
+                return self._payment(card, fraud=True, ts_ms=ts_ms, mimic=mimic)
         card = self._free_card(busy)
         if self.rng.random() < self.burst_chance:
             due = self.clock_s
-            for _ in range(int(self.rng.poisson(1.5))):
-                due += float(self.rng.exponential(240))
+            for _ in range(int(self.rng.poisson(self.BURST_FOLLOW_UPS))):
+                due += float(self.rng.exponential(self.BURST_GAP_S))
                 heapq.heappush(self.pending, (due, card))
             return self._payment(card, fraud=True, ts_ms=ts_ms)
         return self._payment(card, fraud=False, ts_ms=ts_ms)
@@ -125,18 +133,15 @@ class FraudSimulator:
             if self.card_ids[card] not in busy:
                 return card
 
-    def _payment(self, card: int, *, fraud: bool, ts_ms: int | None) -> Payment:
+    def _payment(
+        self, card: int, *, fraud: bool, ts_ms: int | None, mimic: bool = False
+    ) -> Payment:
         rng = self.rng
-        recent = self.recent[card]
-        while recent and recent[0] < self.clock_s - 86_400:
-            recent.popleft()
-        velocity_1h = sum(1 for t in recent if t >= self.clock_s - 3600)
-        velocity_24h = len(recent)
-        recent.append(self.clock_s)
         usual = float(self.usual[card])
         hour = int(rng.choice(24, p=HOUR_MIX / HOUR_MIX.sum()))
-        # Some fraud looks like the cardholder (a relative, a stolen phone): no model catches it.
-        if fraud and rng.random() > 0.15:
+        # Some fraud looks like the cardholder (a relative, a stolen phone, a burst's later
+        # payments): its own fields cannot tell, only the card's pace can.
+        if fraud and not mimic and rng.random() > 0.15:
             category = int(rng.choice(len(MERCHANTS), p=FRAUD_MIX / FRAUD_MIX.sum()))
             if rng.random() < 0.3:
                 hour = int(rng.integers(0, 6))
@@ -160,12 +165,10 @@ class FraudSimulator:
         amount = round(max(float(amount), 0.5), 2)
         event = {
             "card_id": self.card_ids[card],
-            "ts": int(ts_ms if ts_ms is not None else 1_700_000_000_000 + self.clock_s * 1000),
+            "ts": int(ts_ms if ts_ms is not None else self.now_ms),
             "amount": amount,
             "merchant_category": MERCHANTS[category],
             "hour": hour,
-            "velocity_1h": velocity_1h,
-            "velocity_24h": velocity_24h,
             "amount_vs_usual": round(amount / usual, 4),
             "distance_km": round(distance, 1),
             "card_present": bool(present),

@@ -1,21 +1,27 @@
-"""Scenario 1, card-payment fraud: history -> dataset -> three runs -> A/B/shadow deployment with
-monitoring -> live payments with delayed outcomes -> live metrics and the A/B verdict.
+"""Scenario 1, card-payment fraud: history -> dataset -> three runs on the raw fields -> velocity
+features in SQL -> a run with them on the same snapshot (AUC with and without) -> A/B/shadow
+deployment with monitoring, its champion computing the features online -> live payments with
+delayed outcomes -> live metrics (the gain again, on the same payments) and the A/B verdict.
 
-Why one module of ~480 lines: it is one scenario script, read top to bottom as the demo runs it.
+Why one module of ~500 lines: it is one scenario script, read top to bottom as the demo runs it
+(the feature set's SQL and its tables are in `demo.fraud_features`, the live tables in
+`demo.fraud_tables`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.markup import escape
-from rich.table import Table
 
+from carrara.demo import fraud_features
 from carrara.demo.context import DemoContext
 from carrara.demo.events import FRAUD_FEATURES, FraudSimulator
+from carrara.demo.fraud_tables import metrics_table, verdict_table
 from carrara.demo.pipeline import (
     check_run,
     start_run,
@@ -24,6 +30,7 @@ from carrara.demo.pipeline import (
     wait_runs,
 )
 from carrara.demo.streaming import DelayedOutcomes, JsonProducer, Pacer, PredictionReader
+from carrara.streams.prediction_record import Prediction
 from carrara.streams.topics import TopicAdmin
 
 SCENARIO = "fraud"
@@ -46,8 +53,13 @@ LIGHTGBM = {
     "colsample_bytree": 0.8,
 }
 AUTOML = {"time_budget_s": 20, "max_trials": 6}
-# Variant names (the verdict reads "challenger logreg vs. champion lightgbm").
-CHAMPION, CHALLENGER, SHADOW = "lightgbm", "logreg", "automl"
+# Variant names (the verdict reads "challenger logreg vs. champion lightgbm-sql"): the champion
+# is LightGBM with the velocity features; a shadow scores every payment with LightGBM on the raw
+# fields, so the live metrics compare both on the same payments.
+CHAMPION, CHALLENGER, SHADOW, RAW = "lightgbm-sql", "logreg", "automl", "lightgbm-raw"
+FEATURED = "LightGBM + velocity SQL"  # the run with the feature set
+RECENT_PREDICTIONS = 20_000
+MIN_GAIN = 0.02  # AUC the velocity features must add over LightGBM on the raw fields
 
 
 @dataclass
@@ -64,17 +76,22 @@ class FraudLive:
     streamed: int = 0
     frauds: int = 0
     watermark: int = 0  # outcomes of payments numbered below it may be produced
+    # The newest predictions read (bounded: the demo may stream for hours).
+    recent: deque[Prediction] = field(default_factory=lambda: deque(maxlen=RECENT_PREDICTIONS))
     _last_check: float = 0.0
 
     def send(self, count: int) -> None:
-        """Produce `count` payments now; their outcomes follow OUTCOME_DELAY_S later."""
-        now_ms = int(time.time() * 1000)
+        """Produce `count` payments now; their outcomes follow OUTCOME_DELAY_S later.
+
+        Their event time continues the history's (the simulation's clock): the scorer's per-card
+        windows see the pace of payments the model was trained on.
+        """
         for _ in range(count):
-            payment = self.simulator.next(busy=self.outcomes.in_flight, ts_ms=now_ms)
+            payment = self.simulator.next(busy=self.outcomes.in_flight)
             self.producer.send(self.payments_topic, payment.card_id, payment.event)
             self.outcomes.add(
                 payment.card_id,
-                {"card_id": payment.card_id, "fraud": payment.fraud, "ts": now_ms},
+                {"card_id": payment.card_id, "fraud": payment.fraud, "ts": payment.event["ts"]},
                 payment.fraud,
             )
             self.streamed += 1
@@ -92,6 +109,7 @@ class FraudLive:
                 self.streamed if counted >= self.streamed else max(0, counted - COUNT_MARGIN)
             )
         self.outcomes.release(self.watermark)
+        self.recent.extend(self.reader.drain())
         self.producer.poll()
 
     def close(self) -> None:
@@ -122,7 +140,8 @@ def run(ctx: DemoContext) -> FraudLive:
                 "task": "binary",
                 "features": [{"name": n, "type": t} for n, t in FRAUD_FEATURES],
                 "description": "Card payments (demo): amount, merchant category, hour, "
-                "velocity and distance features; label = confirmed fraud.",
+                "amount vs. the card's usual, distance, card present; label = confirmed fraud. "
+                "Per-card velocity: its feature set in SQL.",
                 "owner": "carrara demo",
                 "create_topic": {"partitions": 3},
             },
@@ -134,7 +153,6 @@ def run(ctx: DemoContext) -> FraudLive:
 
     with ctx.step(TITLE, "1.2", f"Produce {HISTORY_EVENTS:,} historical card payments") as step:
         frauds = 0
-        simulator.warm_up()
         with ctx.progress() as progress:
             task = progress.add_task("payments → Kafka", total=HISTORY_EVENTS)
             for i in range(HISTORY_EVENTS):
@@ -162,7 +180,10 @@ def run(ctx: DemoContext) -> FraudLive:
         )
         step.detail = f"version {version['number']}: {version['event_count']:,} events"
 
-    with ctx.step(TITLE, "1.4", "Train logistic regression, LightGBM and an AutoML search") as step:
+    with ctx.step(
+        TITLE, "1.4", "Train on the raw fields: logistic regression, LightGBM, an AutoML search"
+    ) as step:
+        # Queued before the dataset has a feature set: these runs see the payments' own fields.
         runs = {
             "logistic regression": start_run(
                 ctx, dataset, version["number"], "logistic_regression", {}, model
@@ -170,6 +191,19 @@ def run(ctx: DemoContext) -> FraudLive:
             "LightGBM": start_run(ctx, dataset, version["number"], "lightgbm", LIGHTGBM, model),
             "AutoML": start_run(ctx, dataset, version["number"], "auto", AUTOML, model),
         }
+        step.detail = "queued runs " + ", ".join(f"{k} #{v}" for k, v in runs.items())
+
+    with ctx.step(
+        TITLE, "1.5", "Write per-card velocity features in SQL (PUT …/features) and preview them"
+    ) as step:
+        feature_set = fraud_features.define(ctx, step, dataset)
+
+    with ctx.step(
+        TITLE, "1.6", "Train LightGBM with the velocity features on the same snapshot"
+    ) as step:
+        runs[FEATURED] = start_run(
+            ctx, dataset, version["number"], "lightgbm", LIGHTGBM, model, key="-velocity"
+        )
         finished = wait_runs(ctx, runs)
         for label, result in finished.items():
             check_run(step, label, result, "auc", margin=0.1)
@@ -177,27 +211,49 @@ def run(ctx: DemoContext) -> FraudLive:
             step.abort_if_failed()
         versions = versions_by_run(ctx, model)
         version_of = {label: versions[r["id"]] for label, r in finished.items()}
+        pinned = (finished[FEATURED].get("results") or {}).get("feature_set") or {}
+        step.check(
+            pinned.get("digest") == feature_set["digest"],
+            f"the {FEATURED} run did not pin feature-set revision {feature_set['number']}",
+        )
+        step.check(
+            "feature_set" not in (finished["LightGBM"].get("results") or {}),
+            "the LightGBM run on the raw fields computed a feature set",
+        )
+        ctx.console.print(
+            fraud_features.offline_table(finished, version_of, FEATURED, raw="LightGBM")
+        )
+        without, with_, gain = fraud_features.gain(finished["LightGBM"], finished[FEATURED])
+        step.check(
+            gain >= MIN_GAIN,
+            f"the velocity features add {gain:+.3f} AUC to LightGBM ({without:.3f} → "
+            f"{with_:.3f}), less than {MIN_GAIN}",
+        )
         best = (finished["AutoML"].get("results") or {}).get("best", {}).get("algorithm")
         step.detail = (
             ", ".join(
                 f"{label} v{version_of[label]} AUC {r['metrics']['auc']:.3f}"
                 for label, r in finished.items()
             )
-            + f" (AutoML picked {best}; baseline AUC 0.5)"
+            + f"; velocity features {gain:+.3f} AUC (AutoML picked {best}; baseline AUC 0.5)"
         )
 
     with ctx.step(
-        TITLE, "1.5", "Set aliases: champion = LightGBM, challenger = logistic regression"
+        TITLE,
+        "1.7",
+        "Set aliases: champion = LightGBM + velocity SQL, challenger = logistic regression",
     ) as step:
-        for alias, label in (("champion", "LightGBM"), ("challenger", "logistic regression")):
+        for alias, label in (("champion", FEATURED), ("challenger", "logistic regression")):
             ctx.api.put(f"/models/{model}/aliases/{alias}", json={"version": version_of[label]})
         step.detail = (
-            f"{model}@champion → v{version_of['LightGBM']}, "
+            f"{model}@champion → v{version_of[FEATURED]}, "
             f"@challenger → v{version_of['logistic regression']}"
         )
 
     with ctx.step(
-        TITLE, "1.6", "Deploy champion 90% / challenger 10% + AutoML shadow, monitored"
+        TITLE,
+        "1.8",
+        "Deploy champion 90% / challenger 10% + raw-field LightGBM and AutoML shadows, monitored",
     ) as step:
         admin = TopicAdmin(ctx.settings.kafka_bootstrap)
         for topic in topics.values():
@@ -213,6 +269,13 @@ def run(ctx: DemoContext) -> FraudLive:
                 "variants": [
                     {"name": CHAMPION, "model": model, "alias": "champion", "weight": 90},
                     {"name": CHALLENGER, "model": model, "alias": "challenger", "weight": 10},
+                    {
+                        "name": RAW,
+                        "model": model,
+                        "version": version_of["LightGBM"],
+                        "weight": 0,
+                        "shadow": True,
+                    },
                     {
                         "name": SHADOW,
                         "model": model,
@@ -230,7 +293,10 @@ def run(ctx: DemoContext) -> FraudLive:
                     "champion": CHAMPION,
                 },
                 "policy": {"auto_rollback": True, "min_outcomes": 1000},
-                "reason": "carrara demo: LightGBM champion vs. logistic regression",
+                # The champion's input vectors (with the features computed online) go out with
+                # its predictions.
+                "include_features": True,
+                "reason": "carrara demo: LightGBM with velocity SQL vs. logistic regression",
             },
         )
         detail = wait_rollout(ctx, deployment)
@@ -283,7 +349,7 @@ def _wait_for_monitor(ctx: DemoContext, live: FraudLive) -> None:
 def _stream(ctx: DemoContext, live: FraudLive) -> None:
     with ctx.step(
         TITLE,
-        "1.7",
+        "1.9",
         f"Stream {LIVE_EVENTS:,} live payments ({LIVE_RATE}/s); outcomes follow "
         f"{OUTCOME_DELAY_S:.0f} s later",
     ) as step:
@@ -324,6 +390,14 @@ def _stream(ctx: DemoContext, live: FraudLive) -> None:
             f"{live.outcomes.pending} outcomes still wait for the monitor to count the "
             "predictions of their payments",
         )
+        live.release()
+        vectors = fraud_features.burst_vectors(list(live.recent), CHAMPION)
+        if vectors is not None:
+            ctx.console.print(vectors)
+        step.check(
+            vectors is not None,
+            f"no prediction of {CHAMPION} shows a burst in the features the scorer computed",
+        )
         step.detail = (
             f"{live.streamed:,} payments ({live.frauds} fraud) → {len(live.reader.served):,} "
             f"predictions + {len(live.reader.shadowed):,} shadow; "
@@ -350,7 +424,7 @@ def _totals(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _metrics(ctx: DemoContext, live: FraudLive) -> None:
-    with ctx.step(TITLE, "1.8", "Live per-variant metrics (GET …/metrics)") as step:
+    with ctx.step(TITLE, "1.10", "Live per-variant metrics (GET …/metrics)") as step:
         path = f"/deployments/{live.deployment}/metrics"
         with ctx.progress() as progress:
             task = progress.add_task("outcomes joined by the monitor", total=live.outcomes.produced)
@@ -362,7 +436,7 @@ def _metrics(ctx: DemoContext, live: FraudLive) -> None:
                 path,
                 lambda m: (
                     m["outcome_stats"]["matched"] >= live.outcomes.produced
-                    and sum(t["predictions"] for t in _totals(m).values()) >= 2 * live.streamed
+                    and sum(t["predictions"] for t in _totals(m).values()) >= 3 * live.streamed
                 ),
                 timeout=JOIN_TIMEOUT_S,
                 on_update=show,
@@ -373,7 +447,7 @@ def _metrics(ctx: DemoContext, live: FraudLive) -> None:
         )
         totals = _totals(metrics)
         stats = metrics["outcome_stats"]
-        served = sum(t["predictions"] for name, t in totals.items() if name != SHADOW)
+        served = sum(t["predictions"] for name, t in totals.items() if name not in (SHADOW, RAW))
         step.check(
             stats["matched"] == live.outcomes.produced,
             f"{stats['matched']} of {live.outcomes.produced} outcomes joined "
@@ -383,65 +457,42 @@ def _metrics(ctx: DemoContext, live: FraudLive) -> None:
             served == live.streamed,
             f"the monitor counted {served} served predictions for {live.streamed} payments",
         )
-        step.check(
-            totals.get(SHADOW, {}).get("predictions") == live.streamed,
-            f"the monitor counted {totals.get(SHADOW, {}).get('predictions')} shadow "
-            f"predictions for {live.streamed} payments",
-        )
+        for shadow in (RAW, SHADOW):
+            step.check(
+                totals.get(shadow, {}).get("predictions") == live.streamed,
+                f"the monitor counted {totals.get(shadow, {}).get('predictions')} {shadow} "
+                f"predictions for {live.streamed} payments",
+            )
         # A 10% arm sees few fraud bursts (a burst stays on one card, hence one arm): its AUC
         # may still be undefined; the arms with most of the traffic must have one.
-        for name in (CHAMPION, SHADOW):
+        for name in (CHAMPION, RAW, SHADOW):
             step.check(totals.get(name, {}).get("auc") is not None, f"{name} has no live AUC yet")
-        step.detail = f"{stats['matched']:,} outcomes joined; " + ", ".join(
-            f"{name} AUC {t['auc']:.3f}" for name, t in totals.items() if t["auc"] is not None
+        with_, without = totals.get(CHAMPION, {}).get("auc"), totals.get(RAW, {}).get("auc")
+        gain = ""
+        if with_ is not None and without is not None:
+            gain = (
+                f"; live, on the same payments: velocity features AUC {with_:.3f} vs. raw "
+                f"fields {without:.3f} ({with_ - without:+.3f})"
+            )
+            ctx.console.print(f"    {gain[2:]}")
+            step.check(
+                with_ > without,
+                f"live, {CHAMPION} (velocity features) has AUC {with_:.3f}, not above "
+                f"{RAW}'s {without:.3f} on the same payments",
+            )
+        step.detail = (
+            f"{stats['matched']:,} outcomes joined; "
+            + ", ".join(
+                f"{name} AUC {t['auc']:.3f}" for name, t in totals.items() if t["auc"] is not None
+            )
+            + gain
         )
-
-
-def metrics_table(metrics: dict[str, Any], deployment: dict[str, Any]) -> Table:
-    """Per-variant totals as a table: traffic, latency and the live quality metrics."""
-    spec: dict[str, Any] = deployment.get("spec") or {"variants": []}
-    variants = {v["name"]: v for v in spec["variants"]}
-    champion = (spec.get("monitoring") or {}).get("champion")
-    table = Table(
-        title=f"{deployment['name']} — live metrics since the demo started", title_justify="left"
-    )
-    table.add_column("variant")
-    table.add_column("role")
-    for column in ("model", "traffic", "predictions", "outcomes", "p99 latency"):
-        table.add_column(column, justify="right")
-    for column in ("AUC", "accuracy", "log loss"):
-        table.add_column(column, justify="right")
-    for v in metrics["variants"]:
-        if v["variant"] == "-":
-            continue
-        t = v["totals"]
-        weight = variants.get(v["variant"], {}).get("weight")
-        if v["shadow"]:
-            role, traffic = "shadow", "copy"
-        else:
-            role = "champion" if v["variant"] == champion else "challenger"
-            traffic = "?" if weight is None else f"{weight}%"
-        table.add_row(
-            v["variant"],
-            role,
-            f"v{v['model_version']}",
-            traffic,
-            f"{t['predictions']:,}",
-            f"{t['outcomes']:,}",
-            _num(t["p99_latency_ms"], "{:.1f} ms"),
-            _num(t["auc"], "{:.3f}"),
-            _num(t["accuracy"], "{:.2%}"),
-            _num(t["log_loss"], "{:.4f}"),
-        )
-    return table
-
-
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
 
 
 def _verdict(ctx: DemoContext, live: FraudLive) -> None:
-    with ctx.step(TITLE, "1.9", "A/B verdict (GET …/verdict) and rollout (GET deployment)") as step:
+    with ctx.step(
+        TITLE, "1.11", "A/B verdict (GET …/verdict) and rollout (GET deployment)"
+    ) as step:
         verdict = ctx.api.get(f"/deployments/{live.deployment}/verdict")
         deployment = ctx.api.get(f"/deployments/{live.deployment}")
         ctx.console.print(verdict_table(verdict))
@@ -452,7 +503,9 @@ def _verdict(ctx: DemoContext, live: FraudLive) -> None:
                 >= verdict["min_outcomes"],
                 f"{comparison['challenger']}: {comparison['verdict']}",
             )
-        step.check(len(verdict["comparisons"]) == 2, "expected challenger and shadow comparisons")
+        step.check(
+            len(verdict["comparisons"]) == 3, "expected the challenger's and two shadows' verdicts"
+        )
         step.check(
             deployment["rollout"]["up_to_date"] >= ctx.scorers,
             f"rollout: {deployment['rollout']['summary']}",
@@ -460,25 +513,3 @@ def _verdict(ctx: DemoContext, live: FraudLive) -> None:
         step.detail = "; ".join(
             f"{c['challenger']}: {c['verdict']}" for c in verdict["comparisons"]
         )
-
-
-def verdict_table(verdict: dict[str, Any]) -> Table:
-    """Each challenger against the champion, by the always-valid sequential test."""
-    metric = verdict["metric"].replace("_", " ")
-    better = "higher" if verdict["higher_is_better"] else "lower"
-    table = Table(
-        title=f"A/B verdict vs. champion {verdict['champion']}: mean {metric} per outcome "
-        f"({better} is better), alpha {verdict['alpha']}",
-        title_justify="left",
-    )
-    for column in ("variant", "outcomes", f"{metric}", "verdict"):
-        table.add_column(column)
-    champion = verdict["champion"]
-    for c in verdict["comparisons"]:
-        table.add_row(
-            c["challenger"],
-            f"{c['n_challenger']:,} vs. {c['n_champion']:,} ({champion})",
-            f"{_num(c['mean_challenger'], '{:.4f}')} vs. {_num(c['mean_champion'], '{:.4f}')}",
-            c["verdict"],
-        )
-    return table

@@ -21,8 +21,10 @@ def start_run(
     algorithm: str,
     params: dict[str, Any],
     model: str,
+    key: str = "",
 ) -> int:
-    """POST /runs; the run's id (the idempotency key makes a retried call start it only once)."""
+    """POST /runs; the run's id (the idempotency key makes a retried call start it only once;
+    `key` tells apart runs of one algorithm on one snapshot, e.g. with and without features)."""
     run = ctx.api.post(
         "/runs",
         json={
@@ -32,7 +34,7 @@ def start_run(
             "params": params,
             "registered_model_name": model,
         },
-        headers={"Idempotency-Key": f"{dataset}-{version}-{algorithm}"},
+        headers={"Idempotency-Key": f"{dataset}-{version}-{algorithm}{key}"},
     )
     return int(run["id"])
 
