@@ -667,6 +667,7 @@ def test_reloading_the_address_of_a_form_post_lands_on_its_page(
 ) -> None:
     for posted, page in (
         ("/ui/datasets/cards/versions", "/ui/datasets/cards"),
+        ("/ui/datasets/cards/features/preview", "/ui/datasets/cards/features"),
         ("/ui/deployments/scoring/preview", "/ui/deployments/scoring"),
         ("/ui/deployments/scoring/rollback/preview", "/ui/deployments/scoring"),
         ("/ui/models/fraud/aliases", "/ui/models/fraud"),
