@@ -232,6 +232,9 @@ def test_dataset_and_snapshot_forms_validate_like_the_api(
     detail = client.get("/ui/datasets/ui-cards")
     assert f"topic {topic_name} created" in detail.text
     assert "No snapshots yet" in detail.text
+    features = client.get("/ui/datasets/ui-cards/features").text
+    assert "This dataset has no event-time field" in features
+    assert "PARTITION BY user ORDER BY _timestamp" in features  # the starter query
 
     bad_range = client.post(
         "/ui/datasets/ui-cards/versions",
