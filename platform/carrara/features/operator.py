@@ -43,15 +43,16 @@ class KeyState:
     """One key's events within the horizon: times (ms, ascending) and, per stored argument, its
     values (columns, so a window's values are one slice)."""
 
-    __slots__ = ("columns", "latest", "times")
+    __slots__ = ("columns", "latest", "offset", "times")
 
     def __init__(self, latest: int, width: int = 0) -> None:
         self.latest = latest
         self.times: list[int] = []
         self.columns: list[list[Any]] = [[] for _ in range(width)]
+        self.offset = -1  # the log offset of the last event stored (-1: not tracked)
 
     def to_bytes(self) -> bytes:
-        return _encoder.encode([self.latest, self.times, self.columns])
+        return _encoder.encode([self.latest, self.times, self.columns, self.offset])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyState:
@@ -59,6 +60,7 @@ class KeyState:
         state = cls(wire.latest)
         state.times = wire.times
         state.columns = wire.columns
+        state.offset = wire.offset
         return state
 
 
@@ -68,6 +70,7 @@ class _Wire(msgspec.Struct, array_like=True, gc=False):
     latest: int
     times: list[int]
     columns: list[list[Any]]
+    offset: int = -1
 
 
 _state_decoder = msgspec.msgpack.Decoder(_Wire)
@@ -152,8 +155,15 @@ class FeatureOperator:
         self._outputs = [(o.compute, o.kind == "number") for o in plan.outputs]
         self.changed: set[Any] = set()  # keys whose state changed since `take_changes`
 
-    def process(self, key: Any, time_ms: int, event: Mapping[str, Any]) -> ProcessedEvent:
-        """The features of one event (then the event joins its key's state, per the policy)."""
+    def process(
+        self, key: Any, time_ms: int, event: Mapping[str, Any], offset: int | None = None
+    ) -> ProcessedEvent:
+        """The features of one event (then the event joins its key's state, per the policy).
+
+        `offset` (scorers): the event's log offset. An event at or before the offset of the last
+        event its key stored is already in the state (delivered again after a crash, at least
+        once): its row is computed from the state as it is, and it is not stored twice.
+        """
         plan = self.plan
         state = self.keys.get(key)
         if (
@@ -173,6 +183,8 @@ class FeatureOperator:
         time_context = [seconds]
         row_args = [arg(event, time_context) for arg in plan.args]
         results: list[Any] = []
+        again = offset is not None and state is not None and offset <= state.offset
+        own = 0 if again else 1  # the event itself, unless the state holds it already
         if self._calls:
             if state is not None:
                 self._evict(state, t)
@@ -185,16 +197,18 @@ class FeatureOperator:
                 if aggregate is Aggregate.lag:
                     assert i is not None
                     column = columns[i]
-                    results.append(column[-lag] if len(column) >= lag else None)
+                    back = lag + 1 - own
+                    results.append(column[-back] if len(column) >= back else None)
                     continue
                 if aggregate is Aggregate.count_star:
-                    results.append(float(len(times) - starts[at] + 1))
+                    results.append(float(len(times) - starts[at] + own))
                     continue
                 assert i is not None
                 window = columns[i][starts[at] :]
-                window.append(row_args[i])
+                if own:
+                    window.append(row_args[i])
                 results.append(_aggregate(aggregate, window, numeric[i]))
-        stored = not (late and self._drop_late)
+        stored = not (late and self._drop_late) and not again
         if stored and self._calls:
             if state is None:
                 state = self.keys[key] = KeyState(t, len(row_args))
@@ -202,6 +216,8 @@ class FeatureOperator:
             for column, value in zip(state.columns, row_args, strict=True):
                 column.append(value)
             state.latest = t
+            if offset is not None:
+                state.offset = offset
             self.changed.add(key)
         if self.clock is None or t > self.clock:
             self.clock = t
@@ -264,12 +280,14 @@ def process_rows(
     keys: Sequence[Any],
     times: Sequence[float] | Any,
     fields_of: Callable[[int], Mapping[str, Any]],
+    offsets: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Rows of events in log order through their partitions' operators: (features, late count).
 
     The one loop training replay and scorers share. `fields_of(i)` is row i's fields
     (`plan.decoded_fields`); a keyless event (key None) is computed against an empty history and
-    joins no state: without a key it belongs to no entity.
+    joins no state: without a key it belongs to no entity. `offsets` (scorers): each event's log
+    offset, so an event delivered again is not stored twice (`FeatureOperator.process`).
     """
     n = len(keys)
     rows: list[list[Any]] = []
@@ -287,7 +305,9 @@ def process_rows(
             partition = partition_list[i]
             if partition != current or operator is None:
                 operator, current = operator_of(int(partition)), partition
-            result = operator.process(key, time_ms, fields_of(i))
+            result = operator.process(
+                key, time_ms, fields_of(i), None if offsets is None else offsets[i]
+            )
         rows.append(result.values)
         late += result.late
     if not rows:

@@ -300,13 +300,15 @@ class _Decoded:
         if plan.digest in self.derived:
             return
         events = self.events
-        partitions = batch.partitions
+        partitions, offsets = batch.partitions, batch.offsets
+        indexes = self.index_of.tolist()
         self.derived[plan.digest] = store.derive(
             plan,
-            [partitions[i] for i in self.index_of.tolist()],
+            [partitions[i] for i in indexes],
             events.keys,
             events.event_times if events.event_times is not None else np.zeros(events.rows),
             decoded_fields(events),
+            [offsets[i] for i in indexes],
         )
 
 

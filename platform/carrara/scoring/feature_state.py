@@ -22,8 +22,10 @@ keeps one operator per (feature set, input partition) it owns:
   changelog), so state stays bounded by the longest window.
 
 At-least-once delivery writes the changelog before it commits the input offsets: after a crash
-between the two, the events delivered again are counted again in the state (as their predictions
-are written again). Exactly-once delivery has no such window.
+between the two, the events come again while the restored state already holds them. Each key's
+state records the offset of its last event, so those events are not stored twice; their rows are
+computed from the state as it is (the same row when the event was its key's last one, which is the
+usual case). Exactly-once delivery has no such window.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class FeatureStore:
         keys: Sequence[Any],
         times: Sequence[float] | np.ndarray,
         fields_of: Callable[[int], Mapping[str, Any]],
+        offsets: Sequence[int] | None = None,
     ) -> np.ndarray:
         """The feature-set columns of a batch's decoded rows, in log order (state updated)."""
         digest = plan.digest
@@ -146,7 +149,7 @@ class FeatureStore:
                 op = self._operators[(digest, partition)] = self._restore(plan, partition)
             return op
 
-        matrix, _late = process_rows(operator_of, plan, partitions, keys, times, fields_of)
+        matrix, _late = process_rows(operator_of, plan, partitions, keys, times, fields_of, offsets)
         return matrix
 
     def changelog(self) -> list[tuple[str, int, bytes, bytes | None]]:
