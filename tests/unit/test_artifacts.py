@@ -22,7 +22,8 @@ from carrara.artifacts import (
     verify,
     verify_directory,
 )
-from carrara.scoring.model_runtime import ModelLoadError, _load_serialized
+from carrara.scoring.model_card import ModelLoadError
+from carrara.scoring.model_loaders import load_serialized
 from carrara.training.algorithms import ALGORITHMS, validate_params
 from carrara.training.mlflow_logging import UntrustedModelTypes, trusted_skops_types
 from carrara.training.trainers import train
@@ -80,8 +81,8 @@ def test_a_skops_file_with_other_types_loads_only_when_trusted(tmp_path: Path) -
     path = tmp_path / "model.skops"
     skops.io.dump(FunctionTransformer(_double), path)
     with pytest.raises(ModelLoadError, match=r"outside Carrara's allow-list .*_double.*trusted"):
-        _load_serialized("m/1", path, "skops", trusted_code=False)
-    loaded = _load_serialized("m/1", path, "skops", trusted_code=True)
+        load_serialized("m/1", path, "skops", trusted_code=False)
+    loaded = load_serialized("m/1", path, "skops", trusted_code=True)
     assert loaded.func(3) == 6
 
 
@@ -92,7 +93,7 @@ def test_an_allowed_skops_file_loads(tmp_path: Path) -> None:
     )
     path = tmp_path / "model.skops"
     skops.io.dump(trained.estimator, path)
-    loaded = _load_serialized("m/1", path, "skops", trusted_code=False)
+    loaded = load_serialized("m/1", path, "skops", trusted_code=False)
     np.testing.assert_array_equal(loaded.predict_proba(x), trained.estimator.predict_proba(x))
 
 
@@ -104,8 +105,8 @@ def test_pickles_load_only_when_trusted(tmp_path: Path, serialization: str) -> N
     path = tmp_path / "model.pkl"
     path.write_bytes(pickle.dumps(Counter(a=1)))
     with pytest.raises(ModelLoadError, match=rf"refused: the model is a {serialization} file"):
-        _load_serialized("m/1", path, serialization, trusted_code=False)
-    assert _load_serialized("m/1", path, serialization, trusted_code=True) == Counter(a=1)
+        load_serialized("m/1", path, serialization, trusted_code=False)
+    assert load_serialized("m/1", path, serialization, trusted_code=True) == Counter(a=1)
 
 
 def test_digests_of_a_directory_and_their_checks(tmp_path: Path) -> None:

@@ -9,14 +9,14 @@ import numpy as np
 import orjson
 import pytest
 
-from carrara.scoring.model_runtime import (
+from carrara.scoring.model_card import (
     LoadedModel,
     ModelLoadError,
     ModelValidationError,
-    _class_labels,
-    _parse_card,
-    validate,
+    class_labels,
+    parse_card,
 )
+from carrara.scoring.model_runtime import validate
 
 SPEC = {
     "format": 1,
@@ -82,16 +82,16 @@ def test_labels_follow_the_task() -> None:
 
 
 def test_a_card_maps_class_codes_through_the_spec_labels() -> None:
-    card = _parse_card("m/1", orjson.dumps(CARD))
-    assert _class_labels(card) == ["high", "low", "mid"]
+    card = parse_card("m/1", orjson.dumps(CARD))
+    assert class_labels(card) == ["high", "low", "mid"]
     # A class seen only in the holdout: the model's columns are codes 0 and 2.
-    assert _class_labels(_parse_card("m/1", orjson.dumps({**CARD, "classes": [0, 2]}))) == [
+    assert class_labels(parse_card("m/1", orjson.dumps({**CARD, "classes": [0, 2]}))) == [
         "high",
         "mid",
     ]
     binary_spec = {**SPEC, "label_classes": ["ok", "fraud"]}
     binary = {**CARD, "task": "binary", "classes": [0, 1], "feature_spec": binary_spec}
-    assert _class_labels(_parse_card("m/1", orjson.dumps(binary))) == ["ok", "fraud"]
+    assert class_labels(parse_card("m/1", orjson.dumps(binary))) == ["ok", "fraud"]
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_a_card_maps_class_codes_through_the_spec_labels() -> None:
 )
 def test_a_bad_card_is_refused_with_the_reason(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):
-        _parse_card("m/1", orjson.dumps({**CARD, **change}))
+        parse_card("m/1", orjson.dumps({**CARD, **change}))
 
 
 def test_validation_accepts_a_well_behaved_model() -> None:

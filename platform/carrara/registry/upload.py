@@ -192,7 +192,7 @@ def _pick_output(session: Any, declaration: OnnxDeclaration) -> str:
 
 
 def _scores(values: np.ndarray, declaration: OnnxDeclaration) -> np.ndarray:
-    """The output as the scorer reads it (model_runtime._OnnxScorer); Invalid if it cannot."""
+    """The output as the scorer reads it (model_loaders.OnnxScorer); Invalid if it cannot."""
     n = values.shape[0] if values.ndim else 0
     if declaration.output in ("regression", "anomaly_score"):
         if (values.ndim == 2 and values.shape[1] != 1) or values.ndim > 2:
@@ -292,7 +292,7 @@ def check_model(
 
 
 def model_card(declaration: OnnxDeclaration, checked: Checked) -> dict[str, Any]:
-    """The Carrara model card of an uploaded model (as model_runtime.ModelCard reads it)."""
+    """The Carrara model card of an uploaded model (as model_card.ModelCard reads it)."""
     classes: list[Any] | None = None
     if checked.task == "multiclass":
         classes = list(range(len(declaration.classes or [])))
