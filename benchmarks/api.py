@@ -3,17 +3,22 @@ runs it, with the mix of dashboards, CI pipelines and scripts; 1 worker (baselin
 
 The benchmark makes a database of its own on the local stack's Postgres (migrated with Alembic),
 seeds it (datasets and versions, runs, model versions, deployments made through the API, a week
-of per-minute monitoring aggregates and joined outcomes), and runs `uvicorn carrara.main:app
---workers W` on it with the stack's Kafka and Redis (its own deployments/status/alerts topics and
-Celery queue, so nothing reaches the stack's scorers or workers). The load is open-loop: request i
-is sent at t0 + i/rate whatever earlier requests are doing (an asyncio task per request on one
-httpx.AsyncClient), and its latency is measured from that scheduled time, so queueing in the
-server or the client counts. Each round runs every rate for both configurations; figures are
-medians over rounds (min-max). The full run writes its section of benchmarks/RESULTS.md between
-markers; everything it made (database, topics, Celery queue) is deleted at the end.
+of per-minute monitoring aggregates with their hourly rollup and joined outcomes), and runs
+`uvicorn carrara.main:app --workers W` on it with the stack's Kafka and Redis (its own
+deployments/status/alerts topics and Celery queue, so nothing reaches the stack's scorers or
+workers). The load is open-loop: request i is sent at t0 + i/rate whatever earlier requests are
+doing (an asyncio task per request on one aiohttp.ClientSession), and its latency is measured
+from that scheduled time, so queueing in the server or the client counts. Each step also records
+where the CPU went (the API processes, Postgres, the generator, everything else: /proc), since
+the machine is shared. Each round runs every rate for both configurations; figures are medians
+over rounds (min-max). The full run writes its section of benchmarks/RESULTS.md between markers;
+everything it made (database, topics, Celery queue) is deleted at the end.
 
-    .venv/bin/python benchmarks/api.py              # full: 3 rounds, ~10 min, writes RESULTS.md
+    .venv/bin/python benchmarks/api.py              # full: 3 rounds, ~12 min, writes RESULTS.md
     .venv/bin/python benchmarks/api.py --quick      # smoke test: short, 1 round, prints only
+
+Over 450 lines because it is one script with one output: seeding, the server, the load, the CPU
+accounting and the report are read together when a figure looks wrong.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import os
 import random
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -39,6 +45,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psycopg
 from alembic import command
@@ -53,6 +60,7 @@ from carrara.auth.service import authenticate, create_token
 from carrara.db import libpq_conninfo, make_engine
 from carrara.models import Dataset, DatasetVersion, TrainingRun
 from carrara.models.monitoring import END_TO_END_EDGES_MS, LATENCY_EDGES_MS, SCORE_BINS
+from carrara.monitoring.rollup import rebuild_hourly
 from carrara.registry import service as registry
 from carrara.settings import Settings, usable_cores
 from carrara.streams.topics import TopicAdmin
@@ -91,9 +99,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short steps, 1 round, prints only")
     parser.add_argument("--rates", default="50,100,200,400", help="requests/s, comma-separated")
-    parser.add_argument("--baseline-rates", default="50,100,200", help="rates of the baseline")
+    parser.add_argument("--baseline-rates", default="50,100", help="rates of the baseline")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per rate")
-    parser.add_argument("--target-rate", type=int, default=200, help="held --target-duration")
+    parser.add_argument(
+        "--target-rate", type=int, default=200, help="held --target-duration (N workers only)"
+    )
     parser.add_argument("--target-duration", type=float, default=60.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=usable_cores(), help="default: cores")
@@ -259,7 +269,8 @@ def seed_through_api(url: str, db_url: str, seed: Seed, topics: tuple[str, str])
 
 
 def seed_monitoring(url: str, deployments: list[str]) -> None:
-    """A week of per-minute aggregates for two variants, and joined outcomes since the revision."""
+    """A week of per-minute aggregates for two variants (and their hourly rollup), and joined
+    outcomes since the revision."""
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     rng = random.Random(7)  # noqa: S311 - synthetic data
     conninfo = libpq_conninfo(url)
@@ -313,7 +324,15 @@ def seed_monitoring(url: str, deployments: list[str]) -> None:
                              (score > 0.5) == (outcome == 1.0), at, at)
                         )  # fmt: skip
         conn.commit()
-        cur.execute("ANALYZE")
+    # The monitor keeps the hourly rollup as it writes minutes; rows copied in bulk are summed
+    # into it afterwards.
+    engine = make_engine(url)
+    with Session(engine) as session, session.begin():
+        for name in deployments:
+            rebuild_hourly(session, name)
+    engine.dispose()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("ANALYZE")
 
 
 def ui_cookie(url: str, token: str) -> dict[str, str]:
@@ -338,8 +357,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass
+class ApiServer:
+    url: str
+    pid: int  # uvicorn's main process; its workers are its children
+
+
 @contextmanager
-def api_process(db_url: str, workers: int, queue: str) -> Iterator[str]:
+def api_process(db_url: str, workers: int, queue: str) -> Iterator[ApiServer]:
     port = free_port()
     prefix = f"bench-{RUN_ID}"
     env = {
@@ -351,12 +376,16 @@ def api_process(db_url: str, workers: int, queue: str) -> Iterator[str]:
         "CARRARA_ALERTS_TOPIC": f"{prefix}.alerts",
         "CARRARA_TRAINING_QUEUE": queue,
         "CARRARA_LOG_LEVEL": "WARNING",
+        # As the Helm chart runs it: the console renderer's tracebacks (rich, with locals) cost
+        # ~100 ms of CPU per logged error, which turned an overloaded step into a spiral.
+        "CARRARA_LOG_JSON": "true",
     }
     log_path = ROOT / ".carrara" / "logs" / f"bench-api-{RUN_ID}-{workers}w.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [str(Path(sys.executable).parent / "uvicorn"), "carrara.main:app"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    argv += ["--no-access-log"]
+    # Requests still queued when a step ends are not waited for past 5 s.
+    argv += ["--no-access-log", "--timeout-graceful-shutdown", "5"]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -371,13 +400,95 @@ def api_process(db_url: str, workers: int, queue: str) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the API did not start; see {log_path}")
             time.sleep(0.2)
-        yield url
+        yield ApiServer(url, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# --- where the CPU went ---------------------------------------------------------------------------
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[str, int, float] | None:
+    """(command, parent pid, CPU seconds) of a live process, from /proc."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name = raw[raw.index("(") + 1 : raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def _processes() -> dict[int, tuple[str, int, float]]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            found[int(entry.name)] = stat
+    return found
+
+
+def _machine() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) * TICK_S, sum(values[:8]) * TICK_S
+
+
+@dataclass
+class CpuSnapshot:
+    api: float  # the uvicorn processes (main + workers)
+    postgres: float
+    generator: float  # this process (the load generator)
+    busy: float
+    total: float
+    postgres_pids: dict[int, float]
+
+
+def cpu_snapshot(api_pid: int) -> CpuSnapshot:
+    procs = _processes()
+    api = sum(cpu for pid, (_, ppid, cpu) in procs.items() if api_pid in (pid, ppid))
+    postgres = {pid: cpu for pid, (name, _, cpu) in procs.items() if name == "postgres"}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    busy, total = _machine()
+    return CpuSnapshot(
+        api, sum(postgres.values()), usage.ru_utime + usage.ru_stime, busy, total, postgres
+    )
+
+
+@dataclass
+class CpuUse:
+    """CPU spent during one step: ms per request by component, and how busy the machine was."""
+
+    api_ms: float
+    postgres_ms: float
+    generator_ms: float
+    machine_busy: float  # fraction of all cores
+    others: float  # fraction of all cores used by processes other than these three
+
+
+def cpu_use(before: CpuSnapshot, after: CpuSnapshot, requests: int) -> CpuUse:
+    # Postgres backends that started during the step count whole; ones that ended are lost.
+    postgres = sum(
+        cpu - before.postgres_pids.get(pid, 0.0) for pid, cpu in after.postgres_pids.items()
+    )
+    api = after.api - before.api
+    generator = after.generator - before.generator
+    busy = after.busy - before.busy
+    total = max(after.total - before.total, 1e-9)
+    n = max(requests, 1)
+    return CpuUse(
+        api_ms=api / n * 1000,
+        postgres_ms=postgres / n * 1000,
+        generator_ms=generator / n * 1000,
+        machine_busy=busy / total,
+        others=max(0.0, busy - api - postgres - generator) / total,
+    )
 
 
 # --- the load -------------------------------------------------------------------------------------
@@ -452,25 +563,24 @@ async def open_loop(
     names = [n for n, w in MIX for _ in range(w)]
     rng = random.Random(int(rate))  # noqa: S311 - a request mix
     samples: list[Sample] = []
-    # httpcore's pool does work per queued request and connection on every event (quadratic
-    # under overload: the generator itself saturated); requests past CONNECTIONS wait on a
-    # semaphore instead, which is cheap, and their wait still counts (latency is measured from
-    # the scheduled time, so the load stays open-loop).
-    limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
+    # aiohttp: a fraction of httpx's CPU per request (the generator shares the 2 cores with the
+    # server; with httpx it used as much CPU as both API workers). Requests past CONNECTIONS wait
+    # on a semaphore, and their wait counts (latency is measured from the scheduled time).
     slots = asyncio.Semaphore(CONNECTIONS)
-    async with (
-        httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as api,
-        httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0, cookies=cookies) as ui,
-    ):
+    cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    connector = aiohttp.TCPConnector(limit=CONNECTIONS)
+    timeout = aiohttp.ClientTimeout(total=10.0)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
 
         async def one(name: str, due: float) -> None:
             method, path, kwargs, expected = makers[name](rng)
-            client = ui if path.startswith("/ui/") else api
+            if path.startswith("/ui/"):
+                kwargs = {**kwargs, "headers": {**kwargs.get("headers", {}), "Cookie": cookie}}
             try:
-                async with slots:
-                    response = await client.request(method, path, **kwargs)
-                ok = response.status_code in expected
-            except httpx.HTTPError:
+                async with slots, client.request(method, path, **kwargs) as response:
+                    await response.read()
+                    ok = response.status in expected
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             latency_ms = (time.perf_counter() - due) * 1000
             # Past 10 s from its scheduled time (waiting for a connection included) it failed.
@@ -521,6 +631,8 @@ class Step:
 
     achieved: float
     by_endpoint: dict[str, list[Sample]]
+    cpu: CpuUse
+    load: float  # the machine's 1-minute load average at the end of the step
 
     def reads(self) -> list[Sample]:
         return [s for n, ss in self.by_endpoint.items() if n not in WRITES for s in ss]
@@ -572,6 +684,67 @@ def fmt_range(values: list[float], one: str = "{:.1f}") -> str:
     )
 
 
+GROUPS: dict[str, list[str]] = {
+    "lists (50 items)": [
+        "GET deployments (list of 50)",
+        "GET runs (list of 50)",
+        "GET datasets (list)",
+        "GET models (list)",
+    ],
+    "details": [
+        "GET deployments/{name}",
+        "GET runs/{id}",
+        "GET datasets/{name}",
+        "GET models/{name}",
+    ],
+    "monitoring (metrics, verdict)": [
+        "GET metrics 1 h (minute)",
+        "GET metrics 7 d (hour)",
+        "GET verdict",
+    ],
+    "tokens/me, /readyz": ["GET tokens/me", "GET /readyz"],
+    "UI pages": ["UI overview", "UI deployment page", "UI deployment live panel"],
+    "writes": sorted(WRITES),
+}
+# What was done for the targets, kept with the script so the section stays whole when rerun.
+WHAT_WAS_DONE = (
+    "What was done for these figures (issue 19): API worker processes and single-run loops "
+    "elected in Postgres; a token cache; indexes for the monitoring windows; an hourly rollup of "
+    "the monitor's minute aggregates, kept by the monitor in the same transaction (a week of "
+    "metrics reads ~170 rows per variant instead of ~10,000: 150-300 ms of Postgres became a "
+    "few ms); metrics and verdicts served from a per-process cache for "
+    "`CARRARA_MONITORING_CACHE_S` (5 s, per revision), and the overview's verdicts from it "
+    "with their revisions in one query; joined outcomes fetched as arrays instead of thousands "
+    "of rows; JSON columns decoded by msgspec; dependencies that only compute declared "
+    "`async` (FastAPI ran each in its thread pool) and the token cache answered without a "
+    "thread; routers included in the app directly (FastAPI 0.165 matches nested routers again "
+    "per level); the query of a metrics window built once instead of ~150 expressions per "
+    "request. The load generator uses aiohttp: with httpx it used as much CPU as both API "
+    "workers together. The API logs JSON, as the Helm chart runs it: the console renderer's "
+    "tracebacks cost ~100 ms of CPU per logged error and turned overloaded steps into a spiral. "
+    "Tried and dropped: fewer request threads (6, or as many as database connections, 20, "
+    "instead of 40), meant to make requests wait for a thread rather than time out waiting for "
+    "a connection; requests holding a connection from a dependency (the UI's session check, a "
+    "token-cache miss) then waited for a thread while threads waited for connections, and the "
+    "pool's 30 s timeout answered 500."
+)
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _cpu_line(steps: list[Step]) -> str:
+    cpus = [s.cpu for s in steps]
+    return (
+        f"API {fmt_range([c.api_ms for c in cpus], '{:.2f}')} ms, Postgres "
+        f"{fmt_range([c.postgres_ms for c in cpus], '{:.2f}')} ms, load generator "
+        f"{fmt_range([c.generator_ms for c in cpus], '{:.2f}')} ms of CPU per request; the "
+        f"machine was {fmt_range([c.machine_busy * 100 for c in cpus], '{:.0f}')}% busy, "
+        f"{fmt_range([c.others * 100 for c in cpus], '{:.0f}')}% of it other processes"
+    )
+
+
 def render(
     args: argparse.Namespace,
     results: dict[tuple[int, int], list[Step]],
@@ -580,6 +753,7 @@ def render(
     elapsed: float,
 ) -> str:
     command = shlex.join([".venv/bin/python", "benchmarks/api.py", *sys.argv[1:]])
+    cores = os.cpu_count()
     out = [
         "## Control plane under load (`benchmarks/api.py`)",
         "",
@@ -590,10 +764,12 @@ def render(
         command,
         "```",
         "",
-        f"Machine: {os.cpu_count()} cores, shared with the local stack (Postgres, Kafka, MLflow) "
-        "and the load generator (one Python process, httpx.AsyncClient); load average "
+        f"Machine: {cores} cores, shared with the local stack (Postgres, Kafka, MLflow, the "
+        "stack's scorers and monitor), the load generator (one Python process, aiohttp) **and "
+        "other agents' test runs on the same machine** while this ran: load average "
         f"{load[0][0]:.1f} / {load[0][1]:.1f} / {load[0][2]:.1f} before, {load[1][0]:.1f} / "
-        f"{load[1][1]:.1f} / {load[1][2]:.1f} after (1/5/15 min). The run took "
+        f"{load[1][1]:.1f} / {load[1][2]:.1f} after (1/5/15 min); each step's load average and "
+        "the share of the CPU other processes took are in the table below. The run took "
         f"{elapsed / 60:.1f} min.",
         "",
         "Open loop: request i is sent at t0 + i/rate whatever the others are doing; latency "
@@ -604,33 +780,116 @@ def render(
         + ", ".join(f"{n} {w}" for n, w in MIX)
         + f". Seeded: {N_DATASETS} datasets x 3 versions, {N_RUNS} runs, {N_MODELS} models x 5 "
         f"versions, {N_DEPLOYMENTS} deployments (PUT through the API), a week of per-minute "
-        f"aggregates of 2 variants and 3,000 joined outcomes per variant for {N_MONITORED} of "
-        "them. "
-        f"Each rate runs {args.duration:g} s ({args.target_rate}/s: {args.target_duration:g} s), "
+        f"aggregates of 2 variants (and their hourly rollup) and 3,000 joined outcomes per "
+        f"variant for {N_MONITORED} of them. Each rate runs {args.duration:g} s "
+        f"({args.target_rate}/s with {args.workers} workers: {args.target_duration:g} s), "
         f"{args.rounds} round(s), configurations alternating; each figure is the median over "
         "rounds (min-max). Reads: every GET (API and UI); writes: the no-op PUT and the POST.",
         "",
+    ]
+    top = args.workers
+    out += ["### Targets of issue 19", ""]
+    target = results.get((top, args.target_rate), [])
+    if target:
+        reads = [summarize(s.reads()) for s in target]
+        alls = [summarize(s.all()) for s in target]
+        p99 = statistics.median([r[1] for r in reads])
+        errors = sum(a[2] for a in alls)
+        slow = sum(a[3] for a in alls)
+        out.append(
+            f"- {args.target_rate} requests/s for {args.target_duration:g} s, {top} workers: "
+            f"reads p99 {fmt_range([r[1] for r in reads])} ms (target < 50) "
+            f"{_verdict(p99 < 50)}; errors {errors} of {sum(a[4] for a in alls)} (target 0) "
+            f"{_verdict(errors == 0)}; over 1 s {slow} (target 0) {_verdict(slow == 0)}. "
+            f"{_cpu_line(target)}."
+        )
+    top_rate = max((r for w, r in results if w == top), default=0)
+    if top_rate > args.target_rate:
+        steps = results[(top, top_rate)]
+        alls = [summarize(s.all()) for s in steps]
+        p99 = statistics.median([a[1] for a in alls])
+        errors = sum(a[2] for a in alls)
+        out.append(
+            f"- {top_rate} requests/s, {top} workers: errors {errors} of "
+            f"{sum(a[4] for a in alls)} (target 0) {_verdict(errors == 0)}; p99 "
+            f"{fmt_range([a[1] for a in alls])} ms (target < 250) {_verdict(p99 < 250)}. "
+            f"{_cpu_line(steps)}."
+        )
+    out += [
+        f"- Authentication from the token cache: {auth[0] / 1000:.4f} ms per request (target "
+        f"< 1 ms) {_verdict(auth[0] < 1000)}; with the query (cache off) {auth[1]:.0f} us.",
+        "",
+    ]
+    # Where a target is missed, the reason in figures: CPU per request against the cores left.
+    loaded = [s for (w, _), ss in results.items() if w == top for s in ss]
+    if loaded:
+        per_request = statistics.median(
+            [s.cpu.api_ms + s.cpu.postgres_ms + s.cpu.generator_ms for s in loaded]
+        )
+        others = statistics.median([s.cpu.others for s in loaded]) * (cores or 1)
+        left = max((cores or 1) - others, 0.1)
+        out += [
+            f"Capacity, from these figures: the API, its Postgres queries and the load generator "
+            f"take {per_request:.1f} ms of CPU per request of this mix (median over the steps "
+            f"with {top} workers), and other processes took {others:.1f} of the {cores} cores "
+            f"(median), so the machine had room for about {left / per_request * 1000:.0f} "
+            "requests/s; latency grows sharply as a step approaches that.",
+            "",
+        ]
+    out += [WHAT_WAS_DONE, ""]
+    out += [
+        "### Every step",
+        "",
         "| workers | rate (req/s) | achieved | reads p50 ms | reads p99 ms | writes p99 ms "
-        "| errors | over 1 s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| errors | over 1 s | CPU ms/request: API / Postgres / generator | machine busy "
+        "| other processes | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (workers, rate), steps in sorted(results.items()):
         reads = [summarize(s.reads()) for s in steps]
         writes = [summarize([x for x in s.all() if x.endpoint in WRITES]) for s in steps]
         alls = [summarize(s.all()) for s in steps]
+        cpus = [s.cpu for s in steps]
         out.append(
             f"| {workers} | {rate} | {fmt_range([s.achieved for s in steps], '{:.0f}')} "
             f"| {fmt_range([r[0] for r in reads])} | {fmt_range([r[1] for r in reads])} "
             f"| {fmt_range([w[1] for w in writes])} "
             f"| {fmt_range([float(a[2]) for a in alls], '{:.0f}')} of {alls[0][4]} "
-            f"| {fmt_range([float(a[3]) for a in alls], '{:.0f}')} |"
+            f"| {fmt_range([float(a[3]) for a in alls], '{:.0f}')} "
+            f"| {statistics.median([c.api_ms for c in cpus]):.2f} / "
+            f"{statistics.median([c.postgres_ms for c in cpus]):.2f} / "
+            f"{statistics.median([c.generator_ms for c in cpus]):.2f} "
+            f"| {fmt_range([c.machine_busy * 100 for c in cpus], '{:.0f}')}% "
+            f"| {fmt_range([c.others * 100 for c in cpus], '{:.0f}')}% "
+            f"| {fmt_range([s.load for s in steps])} |"
         )
-    top = max(w for w, _ in results)
     rates = sorted({r for w, r in results if w == top})
     out += [
         "",
-        f"Per endpoint with {top} workers: p50 / p99 ms (medians over rounds), errors summed over "
-        "rounds:",
+        f"### Per endpoint group, {top} workers",
+        "",
+        "p50 / p99 ms: medians over rounds (min-max of the p99); errors summed over rounds.",
+        "",
+        "| group | " + " | ".join(f"{r}/s" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for group, names in GROUPS.items():
+        cells = []
+        for rate in rates:
+            per = [
+                summarize([x for n in names for x in s.by_endpoint.get(n, [])])
+                for s in results[(top, rate)]
+            ]
+            p50 = statistics.median([p[0] for p in per])
+            p99s = [p[1] for p in per]
+            errors = sum(p[2] for p in per)
+            cells.append(f"{p50:.1f} / {fmt_range(p99s)}" + (f", {errors} err" if errors else ""))
+        out.append(f"| {group} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"### Per endpoint, {top} workers",
+        "",
+        "p50 / p99 ms (medians over rounds), errors summed over rounds:",
         "",
         "| endpoint | " + " | ".join(f"{r}/s" for r in rates) + " |",
         "|---|" + "---|" * len(rates),
@@ -644,13 +903,7 @@ def render(
             errors = sum(p[2] for p in per)
             cells.append(f"{p50:.1f} / {p99:.1f}" + (f", {errors} err" if errors else ""))
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    out += [
-        "",
-        f"Authentication, in process against the same Postgres: {auth[0]:.1f} us per request from "
-        f"the token cache, {auth[1]:.0f} us with the query (cache off), i.e. the cache adds "
-        f"{auth[0] / 1000:.3f} ms.",
-        "",
-    ]
+    out.append("")
     return "\n".join(out)
 
 
@@ -684,8 +937,8 @@ def main() -> None:
     try:
         with bench_database(settings) as db_url:
             seed = seed_rows(db_url)
-            with api_process(db_url, args.workers, queue) as url:
-                seed_through_api(url, db_url, seed, topics)
+            with api_process(db_url, args.workers, queue) as server:
+                seed_through_api(server.url, db_url, seed, topics)
             print(f"seeded in {time.monotonic() - started:.0f} s", flush=True)
             auth = auth_cost_us(db_url, seed.viewer)
             for round_ in range(args.rounds):
@@ -694,28 +947,34 @@ def main() -> None:
                     configs.reverse()
                 steps = [(w, rate) for w, config_rates in configs for rate in config_rates]
                 for workers, rate in steps:
-                    target = rate == args.target_rate
+                    # The target rate is held longer on the configuration the targets are for.
+                    target = rate == args.target_rate and workers == args.workers
                     duration = args.target_duration if target else args.duration
                     # A fresh server per step: an overloaded step's backlog (requests the client
                     # gave up on still run) must not be measured in the next one.
-                    with api_process(db_url, workers, queue) as url:
-                        cookies = ui_cookie(url, seed.viewer)
+                    with api_process(db_url, workers, queue) as server:
+                        cookies = ui_cookie(server.url, seed.viewer)
                         warm = 3 if not args.quick else 1
-                        asyncio.run(open_loop(url, min(rate, 50), warm, seed, cookies))
-                        drain(url)
+                        asyncio.run(open_loop(server.url, min(rate, 50), warm, seed, cookies))
+                        drain(server.url)
+                        before = cpu_snapshot(server.pid)
                         samples, achieved = asyncio.run(
-                            open_loop(url, rate, duration, seed, cookies)
+                            open_loop(server.url, rate, duration, seed, cookies)
                         )
+                        used = cpu_use(before, cpu_snapshot(server.pid), len(samples))
                     by_endpoint: dict[str, list[Sample]] = defaultdict(list)
                     for s in samples:
                         by_endpoint[s.endpoint].append(s)
-                    step = Step(achieved, dict(by_endpoint))
+                    step = Step(achieved, dict(by_endpoint), used, os.getloadavg()[0])
                     results[(workers, rate)].append(step)
                     p50, p99, errors, slow, n = summarize(step.reads())
                     print(
                         f"round {round_ + 1} workers {workers} rate {rate}: reads p50 "
                         f"{p50:.1f} ms p99 {p99:.1f} ms, errors {errors}, >1 s {slow} "
-                        f"of {n}, achieved {achieved:.0f}/s, load {os.getloadavg()[0]:.1f}",
+                        f"of {n}, achieved {achieved:.0f}/s, load {step.load:.1f}, CPU ms/req "
+                        f"API {used.api_ms:.2f} Postgres {used.postgres_ms:.2f} generator "
+                        f"{used.generator_ms:.2f}, machine busy {used.machine_busy:.0%} (others "
+                        f"{used.others:.0%})",
                         flush=True,
                     )
     finally:
