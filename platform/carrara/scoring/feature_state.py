@@ -227,10 +227,16 @@ class FeatureStore:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=10, cached=False
             )
-        except KafkaException as exc:
-            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                return  # nothing written yet
-            raise
+        except KafkaException:
+            # Unknown to this client: ask the broker. A changelog that does not exist holds
+            # nothing (the reconciler creates it before the loop starts); one that does (stale
+            # metadata) is read below, never skipped.
+            found = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if found is None or found.error is not None or partition not in found.partitions:
+                return
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10, cached=False
+            )
         if high <= low:
             return  # empty: nothing to wait for
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
