@@ -372,9 +372,10 @@ def test_every_change_is_audited_with_before_and_after(
     stop, change, create = events
 
     def stored(spec: dict[str, object]) -> dict[str, object]:
-        # The audit has the stored spec, which leaves out the default output format (so JSON
-        # specs keep their hash); the API shows it.
+        # The audit has the stored spec, which leaves out the default output format and
+        # include_features (so older specs keep their hash); the API shows them.
         assert spec.pop("output_format") == "json"
+        assert spec.pop("include_features") is False
         return spec
 
     first_spec, second_spec = stored(first["spec"]), stored(second_spec)

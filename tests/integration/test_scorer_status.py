@@ -365,7 +365,8 @@ def test_scorers_endpoint_lists_every_known_instance(
 
     response = client.get(f"{API}/scorers", headers=viewer_headers)
     assert response.status_code == 200, response.text
-    scorers = response.json()
+    # The session database is shared: scorers of other tests' API processes may report too.
+    scorers = [s for s in response.json() if s["instance_id"] in {"a-1", "b-1", "b-2"}]
     assert [(s["pool"], s["instance_id"], s["live"]) for s in scorers] == [
         ("default", "b-1", True),
         ("default", "b-2", False),
