@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -387,7 +387,11 @@ def api_process(db_url: str, workers: int, queue: str) -> Iterator[ApiServer]:
     # Requests still queued when a step ends are not waited for past 5 s.
     argv += ["--no-access-log", "--timeout-graceful-shutdown", "5"]
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own: the workers are stopped with uvicorn, even when it must be
+        # killed (a killed uvicorn leaves its workers running, and they skew the next steps).
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -402,11 +406,12 @@ def api_process(db_url: str, workers: int, queue: str) -> Iterator[ApiServer]:
             time.sleep(0.2)
         yield ApiServer(url, proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with suppress(ProcessLookupError):  # whatever of the group is left
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 # --- where the CPU went ---------------------------------------------------------------------------

@@ -8,9 +8,11 @@ token still exists and is not revoked, so revoking a token signs its browsers ou
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 from starlette.middleware.sessions import SessionMiddleware
@@ -19,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from carrara.auth.principal import Principal
 from carrara.auth.roles import Role
 from carrara.auth.service import get_token, is_active
-from carrara.deps import SessionDep, check_role
+from carrara.deps import SessionDep, check_role, token_cache
 from carrara.errors import NotFound
 
 UI_PREFIX = "/ui"
@@ -127,11 +129,30 @@ def signed_in_user(request: Request) -> Principal | None:
     return getattr(request.state, "user", None)
 
 
-def current_user(request: Request, session: PageSession) -> Principal:
-    """The signed-in principal; SignInRequired when nobody is, or the token was revoked."""
+async def current_user(request: Request, session: PageSession) -> Principal:
+    """The signed-in principal; SignInRequired when nobody is, or the token was revoked.
+
+    Answered from the token cache (`CARRARA_AUTH_CACHE_S`, the bounds of carrara.auth.cache)
+    when the session's token was checked recently: no query, and no connection held while the
+    page waits for a thread (with every thread waiting for a connection, that stalled the API
+    under overload until the pool's timeout)."""
     token_id = request.session.get("token_id")
     if not isinstance(token_id, int):
         raise SignInRequired()
+    cache = token_cache(request)
+    key = f"ui-session:{token_id}"
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and (hit.expires_at is None or datetime.now(UTC) < hit.expires_at):
+        principal = hit.principal
+    else:
+        principal = await run_in_threadpool(_check_token, request, session, token_id, key)
+    request.state.user = principal
+    return principal
+
+
+def _check_token(request: Request, session: Session, token_id: int, key: str) -> Principal:
+    """The principal of token `token_id` if it is active (remembered under `key`); otherwise
+    the browser session ends (SignInRequired)."""
     try:
         row = get_token(session, token_id)
     except NotFound:
@@ -140,7 +161,9 @@ def current_user(request: Request, session: PageSession) -> Principal:
         sign_out(request)
         raise SignInRequired("your token was revoked, expired or deleted; sign in with another one")
     principal = Principal(token_id=row.id, name=row.name, role=Role(row.role))
-    request.state.user = principal
+    cache = token_cache(request)
+    if cache is not None:
+        cache.put(key, principal, row.prefix, row.expires_at)
     return principal
 
 
