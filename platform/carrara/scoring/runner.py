@@ -214,10 +214,12 @@ class DeploymentRunner:
             redeliver = Backoff(initial_s=0.1, cap_s=5.0)
             last_lag = 0.0
             while not self.stop_event.is_set():
-                # Idle: wait for the next event. A commit in flight: take only what is there.
-                messages = self._collect(consumer, 0.1 if self._flight is None else 0.0)
+                # Idle: wait for the next event. A commit in flight: look for new events in
+                # short polls (an event that arrives meanwhile is scored at once, not after the
+                # commit), and check the commit between them.
+                messages = self._collect(consumer, 0.1 if self._flight is None else 0.001)
                 flight = self._flight
-                if not messages and flight is not None and not flight.pending.commit.wait(0.005):
+                if not messages and flight is not None and not flight.pending.commit.done():
                     continue  # the commit is still running and nothing new came: look again
                 scored = self._score(messages) if messages else None
                 if scored is not None and flight is not None:
