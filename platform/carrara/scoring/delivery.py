@@ -85,13 +85,22 @@ class Delivery:
         """Deliver one batch and wait for its commit (`start` + `finish`)."""
         self.finish(self.start(records, batch))
 
-    def start(self, records: list[OutputRecord], batch: list[Message]) -> InFlight:
-        """Queue `records` and send the commit of `batch`'s offsets to the worker thread."""
+    def start(
+        self,
+        records: list[OutputRecord],
+        batch: list[Message],
+        produced: list[str] | None = None,
+    ) -> InFlight:
+        """Queue `records` and send the commit of `batch`'s offsets to the worker thread.
+
+        `produced` (at least once): the records were already queued by `produce_now`, whose
+        delivery failures that list collects.
+        """
         offsets = next_offsets(batch)
         try:
             if self.exactly_once:
                 return self._start_transaction(records, offsets, batch)
-            return self._start_at_least_once(records, offsets, batch)
+            return self._start_at_least_once(records, offsets, batch, produced)
         except ClientHung as exc:
             self.health.trouble(str(exc), "rebuilt clients")
             raise ClientBroken(str(exc)) from exc
@@ -196,10 +205,15 @@ class Delivery:
 
     # --- at least once ------------------------------------------------------------------------
 
-    def _start_at_least_once(
-        self, records: list[OutputRecord], offsets: list[TopicPartition], batch: list[Message]
-    ) -> InFlight:
-        failures: list[str] = []
+    def produce_now(
+        self, records: list[OutputRecord], failures: list[str] | None = None
+    ) -> list[str]:
+        """At least once: queue `records` now, before the previous batch's commit is done, so
+        predictions are out at once; their offsets are committed later by `start(...,
+        produced=failures)`. If the previous commit fails, the batch is delivered again (at
+        least once allows the duplicates). Returns the list delivery failures go to."""
+        assert not self.exactly_once, "a transaction's records are produced in it"
+        failures = [] if failures is None else failures
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
@@ -209,6 +223,16 @@ class Delivery:
             self._produce_all(records, on_delivery)
         except _QueueFull as exc:
             failures.append(str(exc))
+        return failures
+
+    def _start_at_least_once(
+        self,
+        records: list[OutputRecord],
+        offsets: list[TopicPartition],
+        batch: list[Message],
+        produced: list[str] | None = None,
+    ) -> InFlight:
+        failures = produced if produced is not None else self.produce_now(records)
         producer, consumer, timeout = self.producer, self.consumer, self.call_timeout_s
         stage = ["flush"]
 

@@ -64,6 +64,9 @@ log = structlog.get_logger(__name__)
 class _Scored:
     result: BatchResult
     started: float  # perf_counter when scoring began
+    # At least once: its records were produced while the previous commit ran (their delivery
+    # failures collect here); None: they are produced when its delivery starts.
+    produced: list[str] | None = None
 
 
 @dataclass
@@ -223,7 +226,9 @@ class DeploymentRunner:
                     continue  # the commit is still running and nothing new came: look again
                 scored = self._score(messages) if messages else None
                 if scored is not None and flight is not None:
-                    messages = self._score_while_committing(consumer, flight, scored, messages)
+                    messages = self._score_while_committing(
+                        consumer, delivery, flight, scored, messages
+                    )
                 if flight is not None:  # the previous batch's commit, overlapped with scoring
                     self._flight = None
                     if not self._finish(flight, delivery, messages):
@@ -234,7 +239,7 @@ class DeploymentRunner:
                     backoff.reset()
                 if scored is not None:
                     try:
-                        pending = delivery.start(scored.result.records, messages)
+                        pending = delivery.start(scored.result.records, messages, scored.produced)
                         self._flight = _Flight(pending, scored.result, scored.started)
                     except Redeliver as exc:
                         log.info("batch not delivered; it will be scored again", reason=str(exc))
@@ -264,20 +269,31 @@ class DeploymentRunner:
             log.warning("could not close the feature-state reader", error=str(exc))
 
     def _score_while_committing(
-        self, consumer: Consumer, flight: _Flight, scored: _Scored, messages: list[Message]
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        flight: _Flight,
+        scored: _Scored,
+        messages: list[Message],
     ) -> list[Message]:
-        """While the previous batch's commit runs, score what else is there into this batch.
+        """While the previous batch's commit runs, score what arrives into this batch.
 
-        The loop never idles behind a commit while events wait: the batch grows (up to
-        `scorer_max_batch_size`) and goes out in the next delivery. An idle input adds nothing.
+        The loop never idles behind a commit: it polls in 1 ms steps and the batch grows (up to
+        `scorer_max_batch_size`) to go out in the next delivery. At least once, each part's
+        predictions are produced at once (only their offsets wait for the commit).
         """
         limit = self.settings.scorer_max_batch_size
-        done = flight.pending.commit.done
-        while not done() and len(messages) < limit:
-            more = self._collect(consumer, 0.0)
+        done, stopping = flight.pending.commit.done, self.stop_event.is_set
+        if not self.exactly_once:
+            scored.produced = delivery.produce_now(scored.result.records)
+        while not done() and len(messages) < limit and not stopping():
+            more = self._collect(consumer, 0.001)
             if not more:
-                break
-            scored.result.absorb(self._score(more).result)
+                continue
+            part = self._score(more).result
+            if scored.produced is not None:
+                delivery.produce_now(part.records, scored.produced)
+            scored.result.absorb(part)
             messages = messages + more
         return messages
 
