@@ -450,3 +450,35 @@ def test_at_least_once_mode_answers_every_event_after_a_kill(scoring: ScoringEnv
             break
     assert len(answered) == 6000  # every input offset answered, possibly more than once
     scoring.stop_scorer("scorer-alo")
+
+
+def test_at_least_once_scores_a_backlog_through(scoring: ScoringEnv) -> None:
+    """A backlog keeps the loop producing while each batch's delivery is confirmed: a batch
+    waits for its own delivery reports only (a `flush()` waited for the next batches too and
+    never returned under a backlog: the loop stalled)."""
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    name = f"alo-backlog-{uuid.uuid4().hex[:6]}"
+    count = 60_000
+    stream = [orjson.dumps(_event(700_000 + i)) for i in range(count)]
+    keys = [f"card-{700_000 + i}".encode() for i in range(count)]
+    # Published first (a deployment scores from its publication time), then the backlog, then
+    # the scorer: it starts with all of it waiting.
+    scoring.publish(_variants(scoring.model, scoring.versions, 50, 50), pool, name=name)
+    scoring.produce(stream, keys)
+    scoring.start_scorer("scorer-alo-backlog", pool, delivery="at_least_once")
+    scoring.wait_ready("scorer-alo-backlog")
+    deadline = time.monotonic() + 120
+    port = scoring.ports["scorer-alo-backlog"]
+    consumed = 0.0
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        consumed = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("carrara_scorer_events_in_total{") and f'"{name}"' in line
+        )
+        if consumed >= count:
+            break
+        time.sleep(0.5)
+    assert consumed >= count, f"{consumed:.0f} of {count} backlog events scored in 120 s"
+    scoring.stop_scorer("scorer-alo-backlog")

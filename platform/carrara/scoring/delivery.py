@@ -21,6 +21,7 @@ Every blocking call has a deadline (`CallGuard`); none waits forever.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,37 @@ log = structlog.get_logger(__name__)
 
 class Redeliver(Exception):
     """The batch was not delivered and the consumer was rewound: score it again."""
+
+
+class Acks:
+    """One at-least-once batch's delivery reports: how many are still due, and the failures.
+
+    Reports can be served by the worker's poll and the loop's (when the local queue is full) at
+    once, so the counts are under a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due = 0
+        self.failures: list[str] = []
+
+    def expect(self, count: int) -> None:
+        with self._lock:
+            self._due += count
+
+    def on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        with self._lock:
+            self._due -= 1
+            if err is not None:
+                self.failures.append(str(err))
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            self.failures.append(reason)
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return self._due
 
 
 @dataclass
@@ -89,12 +121,12 @@ class Delivery:
         self,
         records: list[OutputRecord],
         batch: list[Message],
-        produced: list[str] | None = None,
+        produced: Acks | None = None,
     ) -> InFlight:
         """Queue `records` and send the commit of `batch`'s offsets to the worker thread.
 
         `produced` (at least once): the records were already queued by `produce_now`, whose
-        delivery failures that list collects.
+        delivery reports that collects.
         """
         offsets = next_offsets(batch)
         try:
@@ -205,58 +237,56 @@ class Delivery:
 
     # --- at least once ------------------------------------------------------------------------
 
-    def produce_now(
-        self, records: list[OutputRecord], failures: list[str] | None = None
-    ) -> list[str]:
+    def produce_now(self, records: list[OutputRecord], acks: Acks | None = None) -> Acks:
         """At least once: queue `records` now, before the previous batch's commit is done, so
         predictions are out at once; their offsets are committed later by `start(...,
-        produced=failures)`. If the previous commit fails, the batch is delivered again (at
-        least once allows the duplicates). Returns the list delivery failures go to."""
+        produced=acks)`. If the previous commit fails, the batch is delivered again (at least
+        once allows the duplicates). Returns the batch's delivery reports."""
         assert not self.exactly_once, "a transaction's records are produced in it"
-        failures = [] if failures is None else failures
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(str(err))
-
+        acks = Acks() if acks is None else acks
         try:
-            self._produce_all(records, on_delivery)
+            self._produce_all(records, acks.on_delivery, acks)
         except _QueueFull as exc:
-            failures.append(str(exc))
-        return failures
+            acks.fail(str(exc))
+        return acks
 
     def _start_at_least_once(
         self,
         records: list[OutputRecord],
         offsets: list[TopicPartition],
         batch: list[Message],
-        produced: list[str] | None = None,
+        produced: Acks | None = None,
     ) -> InFlight:
-        failures = produced if produced is not None else self.produce_now(records)
-        producer, consumer, timeout = self.producer, self.consumer, self.call_timeout_s
+        acks = produced if produced is not None else self.produce_now(records)
+        failures = acks.failures
+        producer, timeout = self.producer, self.call_timeout_s
         stage = ["flush"]
 
-        def flush_then_commit() -> int:
-            remaining = producer.flush(timeout)
-            if remaining or failures:
-                return remaining or -1
-            stage[0] = "commit"
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                # The outputs are delivered; the next batch's commit covers these offsets too. If
-                # the process dies first, the batch is delivered again (at least once).
-                failures.append(f"commit: {exc}")
-            return 0
+        def delivered() -> int:
+            # This batch's own delivery reports, not `flush()`: the loop keeps producing the
+            # next batch meanwhile, and a flush would wait for those too (under a backlog, for
+            # ever). The offsets are committed by the loop itself (`_finish_at_least_once`): a
+            # synchronous commit from this thread while the loop polls the consumer could hang.
+            deadline = time.monotonic() + timeout
+            while acks.outstanding() and time.monotonic() < deadline:
+                producer.poll(0.05)
+            remaining = acks.outstanding()
+            return remaining or (-1 if failures else 0)
 
-        pending = self.guard.submit("flush", flush_then_commit, deadline_s=2 * timeout + 5)
+        pending = self.guard.submit("flush", delivered, deadline_s=2 * timeout + 5)
         return InFlight(batch, offsets, pending, stage, failures)
 
     def _finish_at_least_once(self, flight: InFlight, consumed_since: Sequence[Message]) -> None:
         remaining = flight.commit.result()
-        if flight.stage[0] == "commit":
-            if flight.failures:
-                self.health.trouble(flight.failures[0], "commit deferred")
+        if remaining == 0:
+            flight.stage[0] = "commit"
+            try:
+                # Asynchronous: if it fails (a revoked partition, the coordinator away), the
+                # next batch's commit covers these offsets; if the process dies first, the batch
+                # is delivered again (at least once).
+                self.consumer.commit(offsets=flight.offsets, asynchronous=True)
+            except KafkaException as exc:
+                self.health.trouble(f"commit: {exc}", "commit deferred")
             return
         reason = f"{max(remaining, 0)} outputs unacknowledged, {flight.failures[:3]}"
         self.health.trouble(reason, "redelivered a batch")
@@ -265,11 +295,15 @@ class Delivery:
 
     # --- shared -------------------------------------------------------------------------------
 
-    def _produce_all(self, records: list[OutputRecord], callback: Any) -> None:
+    def _produce_all(
+        self, records: list[OutputRecord], callback: Any, acks: Acks | None = None
+    ) -> None:
         """Queue every record; a local queue that stays full past the deadline fails the batch."""
         producer = self.producer
         produce = producer.produce
-        for topic, key, value, headers, partition in records:
+        if acks is not None:
+            acks.expect(len(records))
+        for n, (topic, key, value, headers, partition) in enumerate(records):
             try:
                 produce(
                     topic, value, key, partition=partition, headers=headers, on_delivery=callback
@@ -278,6 +312,8 @@ class Delivery:
                 deadline = time.monotonic() + self.call_timeout_s
                 while True:
                     if time.monotonic() > deadline or self.stop():
+                        if acks is not None:  # the rest of the batch was never queued
+                            acks.expect(n - len(records))
                         raise _QueueFull("the producer queue stayed full") from None
                     producer.poll(0.05)
                     try:

@@ -39,7 +39,7 @@ from confluent_kafka.admin import (
 
 from carrara.scoring import metrics
 from carrara.scoring.batch import BatchResult, InputBatch, ServingState, score_batch
-from carrara.scoring.delivery import Delivery, InFlight, Redeliver
+from carrara.scoring.delivery import Acks, Delivery, InFlight, Redeliver
 from carrara.scoring.feature_state import FeatureStore
 from carrara.settings import Settings
 from carrara.streams.client_config import (
@@ -65,8 +65,8 @@ class _Scored:
     result: BatchResult
     started: float  # perf_counter when scoring began
     # At least once: its records were produced while the previous commit ran (their delivery
-    # failures collect here); None: they are produced when its delivery starts.
-    produced: list[str] | None = None
+    # reports collect here); None: they are produced when its delivery starts.
+    produced: Acks | None = None
 
 
 @dataclass
