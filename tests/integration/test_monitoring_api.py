@@ -7,8 +7,10 @@ fills them is tested on its own), then every number the API derives is checked.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -498,14 +500,44 @@ def test_the_view_cache_keeps_answers_for_its_ttl_only() -> None:
     cache = ViewCache(ttl_s=60)
     assert [cache.get_or_compute("k", compute) for _ in range(3)] == [1, 1, 1]
     assert cache.get_or_compute("other", compute) == 2
-    cache.ttl_s = 1e-9  # every answer is now older than the TTL
-    assert cache.get_or_compute("k", compute) == 3
+    brief = ViewCache(ttl_s=1e-9)  # every answer is older than the TTL when asked again
+    assert [brief.get_or_compute("k", compute) for _ in range(2)] == [3, 4]
     off = ViewCache(ttl_s=0)
-    assert [off.get_or_compute("k", compute) for _ in range(2)] == [4, 5]
+    assert [off.get_or_compute("k", compute) for _ in range(2)] == [5, 6]
     full = ViewCache(ttl_s=60, max_entries=2)
     for key in ("a", "b", "c"):
         full.get_or_compute(key, compute)
-    assert full.get_or_compute("a", compute) == 9  # started over when full: "a" was forgotten
+    assert full.get_or_compute("a", compute) == 10  # started over when full: "a" was forgotten
+
+
+def test_the_view_cache_computes_a_key_once_while_others_wait() -> None:
+    cache = ViewCache(ttl_s=60)
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow() -> str:
+        calls.append(1)
+        assert release.wait(timeout=30), "never released"
+        return "answer"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        first = pool.submit(cache.get_or_compute, "k", slow)
+        deadline = time.monotonic() + 30
+        while not calls:  # the first caller is computing
+            assert time.monotonic() < deadline, "the first caller never started computing"
+            time.sleep(0.01)
+        others = [pool.submit(cache.get_or_compute, "k", slow) for _ in range(3)]
+        assert not any(f.done() for f in others)  # waiting for the first caller's answer
+        release.set()
+        assert [f.result(timeout=30) for f in [first, *others]] == ["answer"] * 4
+    assert len(calls) == 1
+
+    def failing() -> str:
+        raise RuntimeError("no answer")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute("bad", failing)
+    assert cache.get_or_compute("bad", lambda: "now") == "now"  # errors are not kept
 
 
 @pytest.mark.usefixtures("deployed")

@@ -13,10 +13,12 @@ computed again and again. `ViewCache` keeps each answer for `ttl_s` seconds
 
 Keys are (view, deployment, revision, the parameters as given). At most `max_entries` answers are
 kept; the cache starts over when full. Errors (unknown deployment, invalid window) are not kept.
+One caller computes a key while the others asking for it wait (no stampede when it expires).
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -38,28 +40,67 @@ from carrara.monitoring.verdict import verdict_of
 T = TypeVar("T")
 
 
+class _Flight:
+    """One computation of a key in progress; callers asking for the key meanwhile wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: object = None
+        self.failed = False
+
+
 class ViewCache:
-    """Answers by key for `ttl_s` seconds (thread-safe: endpoints run in a thread pool)."""
+    """Answers by key for `ttl_s` seconds (thread-safe: endpoints run in a thread pool).
+
+    A key is computed by one caller at a time: the others asking for it meanwhile wait for that
+    answer (under load, an expired key used to be computed by every request that asked for it
+    until one finished). Each answer lives a little less than `ttl_s` (up to 20% less, at
+    random), so keys computed together do not all expire together.
+    """
 
     def __init__(self, ttl_s: float, max_entries: int = 2_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._entries: dict[Hashable, tuple[float, object]] = {}
+        self._entries: dict[Hashable, tuple[float, object]] = {}  # key -> (expires at, answer)
+        self._flights: dict[Hashable, _Flight] = {}
         self._lock = threading.Lock()
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """The answer remembered for `key` if younger than `ttl_s`, else `compute()` (kept)."""
+        """The answer remembered for `key` if younger than its TTL, else `compute()` (kept)."""
         if self.ttl_s <= 0:
             return compute()
         entry = self._entries.get(key)
-        now = time.monotonic()
-        if entry is not None and now - entry[0] < self.ttl_s:
+        if entry is not None and time.monotonic() < entry[0]:
             return entry[1]  # type: ignore[return-value]  # stored by this key's compute
-        value = compute()
         with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[key] = (now, value)
+            entry = self._entries.get(key)
+            if entry is not None and time.monotonic() < entry[0]:
+                return entry[1]  # type: ignore[return-value]
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if not flight.failed:
+                return flight.value  # type: ignore[return-value]
+            return compute()  # the leader's error is not shared: this caller gets its own
+        started = time.monotonic()  # an answer's age counts from before it was computed
+        try:
+            value = compute()
+            flight.value = value
+        except BaseException:
+            flight.failed = True
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+                if not flight.failed:
+                    if len(self._entries) >= self.max_entries:
+                        self._entries.clear()
+                    lifetime = self.ttl_s * (1 - 0.2 * random.random())  # noqa: S311 - jitter
+                    self._entries[key] = (started + lifetime, flight.value)
+            flight.done.set()
         return value
 
     def clear(self) -> None:
