@@ -123,3 +123,24 @@ def test_one_election_per_installation_not_per_database() -> None:
     assert key != single_run_key("other:9092", "carrara.deployments", "carrara.scorer-status")
     assert key != single_run_key("kafka:9092", "test-deployments", "carrara.scorer-status")
     assert key != single_run_key("kafka:9092", "carrara.deployments", "test-status")
+
+
+def test_a_pending_call_is_settled_when_done_or_overdue() -> None:
+    import threading
+
+    from carrara.streams.resilience import CallGuard
+
+    guard = CallGuard("settled")
+    release = threading.Event()
+    try:
+        quick = guard.submit("quick", lambda: 1, deadline_s=5)
+        assert quick.wait(5)
+        assert quick.settled()
+        hung = guard.submit("hung", release.wait, deadline_s=0.2)
+        assert not hung.settled()  # running, within its deadline
+        assert not hung.wait(1.0)  # waits no longer than the deadline
+        assert hung.settled()  # overdue: the caller stops waiting and asks result()
+        assert not hung.done()
+    finally:
+        release.set()
+        guard.close()

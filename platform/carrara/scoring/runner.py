@@ -222,7 +222,7 @@ class DeploymentRunner:
                 # commit), and check the commit between them.
                 messages = self._collect(consumer, 0.1 if self._flight is None else 0.001)
                 flight = self._flight
-                if not messages and flight is not None and not flight.pending.commit.done():
+                if not messages and flight is not None and not flight.pending.commit.settled():
                     continue  # the commit is still running and nothing new came: look again
                 scored = self._score(messages) if messages else None
                 if scored is not None and flight is not None:
@@ -283,7 +283,8 @@ class DeploymentRunner:
         predictions are produced at once (only their offsets wait for the commit).
         """
         limit = self.settings.scorer_max_batch_size
-        done, stopping = flight.pending.commit.done, self.stop_event.is_set
+        # Until the commit is done or overdue (a hung call is then reported by `_finish`).
+        done, stopping = flight.pending.commit.settled, self.stop_event.is_set
         if not self.exactly_once:
             scored.produced = delivery.produce_now(scored.result.records)
         while not done() and len(messages) < limit and not stopping():

@@ -136,6 +136,10 @@ class Pending(Generic[T]):
     def done(self) -> bool:
         return self.future.done()
 
+    def settled(self) -> bool:
+        """Done, or past its deadline (then `result()` says the client hung): stop waiting."""
+        return self.future.done() or time.monotonic() >= self.deadline
+
     def wait(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` (never past the deadline); whether it is done."""
         try:
