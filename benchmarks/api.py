@@ -844,14 +844,23 @@ def render(
         per_request = statistics.median(
             [s.cpu.api_ms + s.cpu.postgres_ms + s.cpu.generator_ms for s in loaded]
         )
+        api_ms = statistics.median([s.cpu.api_ms for s in loaded])
         others = statistics.median([s.cpu.others for s in loaded]) * (cores or 1)
         left = max((cores or 1) - others, 0.1)
         out += [
-            f"Capacity, from these figures: the API, its Postgres queries and the load generator "
-            f"take {per_request:.1f} ms of CPU per request of this mix (median over the steps "
-            f"with {top} workers), and other processes took {others:.1f} of the {cores} cores "
-            f"(median), so the machine had room for about {left / per_request * 1000:.0f} "
-            "requests/s; latency grows sharply as a step approaches that.",
+            "Why, from these figures: the API, its Postgres queries and the load generator take "
+            f"{per_request:.1f} ms of CPU per request of this mix ({api_ms:.1f} ms in the API "
+            f"processes; medians over the steps with {top} workers) and other processes took "
+            f"{others:.1f} of the {cores} cores, so the CPU alone would allow about "
+            f"{left / per_request * 1000:.0f} requests/s. A worker runs Python on one core at a "
+            f"time, though (one interpreter lock for its 40 request threads and the hand-offs "
+            f"between them and the event loop): at 400/s each of the {top} workers needs "
+            f"~{400 / top * api_ms / 1000:.1f} of a core with nothing to spare, and queues. The "
+            "tail at lower rates is requests waiting behind work that holds a worker's "
+            "interpreter: recomputing an expired metrics answer (8-30 ms of CPU), the overview's "
+            "verdicts (~25 ms), garbage collections; with 2 workers on 2 cores each such "
+            "stretch delays what arrives meanwhile. More workers on more cores (replicas) is "
+            "what the targets need on this mix; see README, Sizing the API.",
             "",
         ]
     out += [WHAT_WAS_DONE, ""]
