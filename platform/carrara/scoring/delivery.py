@@ -49,6 +49,10 @@ class Redeliver(Exception):
     """The batch was not delivered and the consumer was rewound: score it again."""
 
 
+# At least once: how often the offsets of delivered batches are committed (at most).
+ALO_COMMIT_INTERVAL_S = 0.2
+
+
 class Acks:
     """One at-least-once batch's delivery reports: how many are still due, and the failures.
 
@@ -112,6 +116,11 @@ class Delivery:
         self.exactly_once = exactly_once
         self.call_timeout_s = call_timeout_s
         self.stop = stop
+        # At least once: offsets of delivered batches not committed yet (committed together at
+        # most every ALO_COMMIT_INTERVAL_S: an asynchronous commit per batch queued so many
+        # requests on the coordinator connection that heartbeats timed out behind them).
+        self._due: dict[tuple[str, int], int] = {}
+        self._last_commit = 0.0
 
     def deliver(self, records: list[OutputRecord], batch: list[Message]) -> None:
         """Deliver one batch and wait for its commit (`start` + `finish`)."""
@@ -280,18 +289,40 @@ class Delivery:
         remaining = flight.commit.result()
         if remaining == 0:
             flight.stage[0] = "commit"
-            try:
-                # Asynchronous: if it fails (a revoked partition, the coordinator away), the
-                # next batch's commit covers these offsets; if the process dies first, the batch
-                # is delivered again (at least once).
-                self.consumer.commit(offsets=flight.offsets, asynchronous=True)
-            except KafkaException as exc:
-                self.health.trouble(f"commit: {exc}", "commit deferred")
+            for tp in flight.offsets:
+                self._due[(tp.topic, tp.partition)] = tp.offset
+            if time.monotonic() - self._last_commit >= ALO_COMMIT_INTERVAL_S:
+                self.commit_due()
             return
         reason = f"{max(remaining, 0)} outputs unacknowledged, {flight.failures[:3]}"
         self.health.trouble(reason, "redelivered a batch")
         self.rewind([*flight.batch, *consumed_since])
         raise Redeliver(reason)
+
+    def commit_due(self, *, wait: bool = False) -> None:
+        """At least once: commit the offsets of the batches delivered so far.
+
+        Asynchronous in the loop: if it fails (a revoked partition, the coordinator away), the
+        next one covers these offsets, and if the process dies first the batches are delivered
+        again (at least once). `wait` (stopping): synchronously, within the call deadline.
+        """
+        if not self._due:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._due.items()]
+        self._due.clear()
+        self._last_commit = time.monotonic()
+        try:
+            if wait:
+                consumer = self.consumer
+                self.guard.call(
+                    "commit",
+                    lambda: consumer.commit(offsets=offsets, asynchronous=False),
+                    deadline_s=self.call_timeout_s,
+                )
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+        except (KafkaException, ClientHung) as exc:
+            self.health.trouble(f"commit: {exc}", "commit deferred")
 
     # --- shared -------------------------------------------------------------------------------
 

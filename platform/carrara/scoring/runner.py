@@ -253,6 +253,7 @@ class DeploymentRunner:
             if self._flight is not None:  # stopping: commit the batch in hand
                 flight, self._flight = self._flight, None
                 self._finish(flight, delivery, [])
+            delivery.commit_due(wait=True)
             clean = True
         finally:
             self._flight = None
