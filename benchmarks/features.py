@@ -347,6 +347,16 @@ trained by the training pipeline on the first 50,000 events.
   (target <= 30%).
 - Restoring a partition's state of {args.keys:,} keys (5 events each) from its changelog:
   {fmt(r["restore"], lambda v: f"{v:.1f} s")}.
+
+Where a feature set's CPU goes (in-process profile of `score_batch`, same events): about half is
+the operator itself, exact per-event Python (a window's aggregates are recomputed from its values
+with `math.fsum`, so a result never depends on how the state got there: restored, warmed up or
+expired); the other half is the changelog, one record per key changed in the batch holding that
+key's whole window (~60 events, ~2 KB here) encoded, compressed and produced in the transaction.
+Tried: state as columns per argument (a window is one slice; counts, sums and distinct counts in
+C), -20% operator time; the GC paused and the restored state frozen out of its scans, 5x faster
+restores. Not done: a compiled operator with the same semantics, and a changelog of per-event
+deltas (smaller writes, at the price of restores that read every event in the windows).
 """
 
 
