@@ -51,6 +51,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config
 from psycopg import sql
+from results_md import write_section
 from sqlalchemy import make_url
 from sqlalchemy.orm import Session
 
@@ -67,8 +68,6 @@ from carrara.streams.topics import TopicAdmin
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = uuid.uuid4().hex[:6]
-BEGIN = "<!-- BEGIN api: written by benchmarks/api.py, do not edit by hand -->"
-END = "<!-- END api -->"
 N_DATASETS, N_RUNS, N_MODELS, N_DEPLOYMENTS, N_MONITORED = 20, 300, 10, 30, 5
 # (endpoint label, weight per 100 requests); writes are marked.
 MIX: list[tuple[str, int]] = [
@@ -934,17 +933,6 @@ def render(
     return "\n".join(out)
 
 
-def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -1020,7 +1008,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_write:
-        write_results(ROOT / "benchmarks" / "RESULTS.md", section)
+        write_section(ROOT / "benchmarks" / "RESULTS.md", "api", "api.py", section)
         print("wrote benchmarks/RESULTS.md")
 
 

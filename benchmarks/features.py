@@ -32,6 +32,7 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from results_md import write_section
 from scorer_kit import Publisher, ScorerProcess
 
 from carrara.features.operator import KeyState
@@ -45,8 +46,6 @@ from carrara.training import pipeline
 from carrara.training.algorithms import validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN = "<!-- BEGIN features: written by benchmarks/features.py, do not edit by hand -->"
-END = "<!-- END features -->"
 RUN = uuid.uuid4().hex[:6]
 CARDS = 10_000
 SQL = """SELECT
@@ -305,7 +304,7 @@ def main() -> None:
     section = render(results, args, time.monotonic() - started, load_before, os.getloadavg())
     print(section)
     if not args.no_write:
-        write(ROOT / "benchmarks" / "RESULTS.md", section)
+        write_section(ROOT / "benchmarks" / "RESULTS.md", "features", "features.py", section)
 
 
 def render(
@@ -358,17 +357,6 @@ C), -20% operator time; the GC paused and the restored state frozen out of its s
 restores. Not done: a compiled operator with the same semantics, and a changelog of per-event
 deltas (smaller writes, at the price of restores that read every event in the windows).
 """
-
-
-def write(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from results_md import write_section
 
 from carrara.settings import Settings
 from carrara.streams.client_config import producer_config
@@ -163,11 +164,9 @@ def main() -> None:
     if args.no_write:
         return
     section = render(args, rates, size, load_before, os.getloadavg(), time.monotonic() - begun)
-    write(Path(__file__).resolve().parent / "RESULTS.md", section)
+    write_section(Path(__file__).resolve().parent / "RESULTS.md", "replay", "replay.py", section)
 
 
-BEGIN = "<!-- BEGIN replay: written by benchmarks/replay.py, do not edit by hand -->"
-END = "<!-- END replay -->"
 HEADING = "## Replay + decode vs. raw consume"
 
 
@@ -218,23 +217,6 @@ Medians of {len(raw)} rounds (min-max): raw consume {span(raw, lambda v: f"{v:,.
 replay + decode {span(replay, lambda v: f"{v:,.0f}")} events/s, ratio
 {span(ratios, lambda v: f"{v:.2f}x")} (target >= 0.7x).
 """
-
-
-def write(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (between its markers, or the old heading's)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    elif HEADING in text:
-        head, rest = text.split(HEADING, 1)
-        following = rest.find("\n### ")  # the hand-written part ends at its first subsection
-        tail = rest[following + 1 :] if following >= 0 else ""
-        text = head + block + "\n\n" + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+from results_md import write_section
 from scorer_bench import MODES, PHASES, SHORT, Bench, cleanup
 from scorer_kit import (
     MODEL_PARAMS,
@@ -44,7 +45,7 @@ from scorer_phases import (
     phase_switch,
     phase_throughput,
 )
-from scorer_report import render, write_results
+from scorer_report import render
 
 from carrara.settings import Settings
 from carrara.streams.topics import TopicAdmin
@@ -178,7 +179,7 @@ def main() -> None:
     print()
     print(markdown)
     if args.results and not args.no_write:
-        write_results(args.results, markdown)
+        write_section(args.results, "scorer", "scorer.py", markdown)
         print(f"wrote {args.results}")
 
 

@@ -18,10 +18,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-BEGIN = "<!-- BEGIN scorer: written by benchmarks/scorer.py, do not edit by hand -->"
-END = "<!-- END scorer -->"
-OLD_HEADING = "## Streaming scorer"
-
 
 @dataclass
 class Stat:
@@ -281,20 +277,3 @@ def render(
             f"duplicated {w['duplicated']}.",
         ]
     return "\n".join(out) + "\n"
-
-
-def write_results(path: Path, section: str) -> None:
-    """Replace the scorer section (between the markers, or the old hand-written one) in `path`."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    elif OLD_HEADING in text:
-        head, rest = text.split(OLD_HEADING, 1)
-        following = rest.find("\n## ")
-        tail = rest[following + 1 :] if following >= 0 else ""
-        text = head + block + "\n\n" + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
