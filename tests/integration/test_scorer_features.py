@@ -42,6 +42,7 @@ from carrara.training import pipeline
 from carrara.training.algorithms import validate_params
 from tests.integration.conftest import RUN_ID
 from tests.integration.test_scorer import ScoringEnv
+from tests.integration.test_training_features import Beat
 
 MINUTE = 60_000
 KEYS = 8
@@ -65,16 +66,6 @@ SCHEMA: dict[str, Any] = {
     "format": "json",
     "subject": None,
 }
-
-
-class Beat:
-    progress = 0
-
-    def beat(self) -> None:
-        pass
-
-    def check(self) -> None:
-        pass
 
 
 def _event(i: int, base_ms: int) -> tuple[int, dict[str, Any]]:

@@ -115,18 +115,14 @@ class FeatureStore:
         bootstrap: str,
         *,
         restore_timeout_s: float = 60.0,
-        consumer_factory: Callable[[], Consumer] | None = None,
     ) -> None:
         self.deployment = deployment
         self.bootstrap = bootstrap
         self.restore_timeout_s = restore_timeout_s
-        self._consumer_factory = consumer_factory
         self._operators: dict[tuple[str, int], FeatureOperator] = {}
         self._topics: dict[str, str] = {}  # digest -> changelog topic
         self._consumer: Consumer | None = None
         self._last_expiry = time.monotonic()
-        self.restores = 0
-        self.restored_keys = 0
 
     # --- the micro-batch ------------------------------------------------------------------------
 
@@ -187,10 +183,6 @@ class FeatureStore:
         if consumer is not None:
             consumer.close()
 
-    def held(self) -> dict[tuple[str, int], FeatureOperator]:
-        """The operators in memory, by (feature-set digest, partition)."""
-        return dict(self._operators)
-
     # --- restore and expiry ---------------------------------------------------------------------
 
     def _restore(self, plan: FeaturePlan, partition: int) -> FeatureOperator:
@@ -208,8 +200,6 @@ class FeatureStore:
             gc.enable()
             gc.freeze()
         seconds = time.perf_counter() - started
-        self.restores += 1
-        self.restored_keys += len(op.keys)
         metrics.FEATURE_RESTORE_SECONDS.labels(self.deployment, plan.digest[:16]).observe(seconds)
         log.info(
             "restored feature state",
@@ -264,12 +254,9 @@ class FeatureStore:
 
     def _restore_consumer(self) -> Consumer:
         if self._consumer is None:
-            if self._consumer_factory is not None:
-                self._consumer = self._consumer_factory()
-            else:
-                self._consumer = Consumer(
-                    replay_config(self.bootstrap, **{"isolation.level": "read_committed"})
-                )
+            self._consumer = Consumer(
+                replay_config(self.bootstrap, **{"isolation.level": "read_committed"})
+            )
         return self._consumer
 
     def _maybe_expire(self) -> None:
