@@ -11,7 +11,7 @@ The serving state (models, splitter) is swapped by the reconciler and read once 
 model change happens between two micro-batches, never inside one. SIGTERM sets `stop`: the loop
 finishes and commits the batch in hand, then closes the consumer (leaving the group at once).
 
-Why one module of ~470 lines: the loop, its rebalance callbacks and the clients' lifecycle share
+Why one module of ~500 lines: the loop, its rebalance callbacks and the clients' lifecycle share
 the runner's state (the commit in flight, the feature state, the serving state) and must be read
 together to see that no batch is committed twice or lost; delivery and scoring live apart.
 """
